@@ -15,9 +15,9 @@ import cv2
 import gymnasium as gym
 import numpy as np
 import pymunk
+import shapely
 import shapely.geometry as sg
 from gymnasium import spaces
-import shapely
 from pymunk._chipmunk_cffi import lib as chipmunk_lib
 
 # --- Constants of the reference PushT (diffusion_policy/env/pusht/pusht_env.py, gym-pusht) -----
@@ -297,7 +297,7 @@ class PushTEnv(gym.Env):
             "coverage": coverage,
             "is_success": coverage > SUCCESS_THRESHOLD,
             # Diffusion Policy's dataset field: contact points per physics step, rounded up.
-            "n_contacts": int(math.ceil(self._n_contact_points / (SIM_HZ // CONTROL_HZ))),
+            "n_contacts": math.ceil(self._n_contact_points / (SIM_HZ // CONTROL_HZ)),
             "state": self.get_state(),
         }
 
@@ -334,17 +334,27 @@ def render_state(state: np.ndarray, size: int, action: np.ndarray | None = None)
     wall_px = max(1, round(2 * WALL_RADIUS * size / WINDOW_SIZE))
     for a, b in WALLS:
         p, q = fixed(a), fixed(b)
-        cv2.line(img, tuple(int(v) for v in p), tuple(int(v) for v in q), COLOR_WALL, wall_px, cv2.LINE_AA, shift)
+        cv2.line(
+            img,
+            tuple(int(v) for v in p),
+            tuple(int(v) for v in q),
+            COLOR_WALL,
+            wall_px,
+            cv2.LINE_AA,
+            shift,
+        )
     outline_px = max(1, round(4 * size / WINDOW_SIZE))
     block = [fixed(p) for p in tee_polygons(float(state[2]), float(state[3]), float(state[4]))]
     cv2.fillPoly(img, block, COLOR_BLOCK_FILL, cv2.LINE_AA, shift)
     cv2.polylines(img, block, True, COLOR_BLOCK, outline_px, cv2.LINE_AA, shift)
     center = tuple(int(v) for v in fixed(state[:2]))
-    radius = int(round(AGENT_RADIUS * scale))
+    radius = round(AGENT_RADIUS * scale)
     cv2.circle(img, center, radius, COLOR_AGENT, -1, cv2.LINE_AA, shift)
-    inner = int(round((AGENT_RADIUS - 4) * scale))
+    inner = round((AGENT_RADIUS - 4) * scale)
     cv2.circle(img, center, inner, COLOR_AGENT_FILL, -1, cv2.LINE_AA, shift)
     if action is not None:
         coord = tuple(int(v) for v in np.asarray(action) / WINDOW_SIZE * size)
-        cv2.drawMarker(img, coord, COLOR_ACTION, cv2.MARKER_CROSS, max(3, size // 12), max(1, size // 96))
+        cv2.drawMarker(
+            img, coord, COLOR_ACTION, cv2.MARKER_CROSS, max(3, size // 12), max(1, size // 96)
+        )
     return img

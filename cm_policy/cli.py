@@ -1,0 +1,175 @@
+"""The ``cm-policy`` command: data, train, eval and the end-to-end ``run`` job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+
+USAGE = """cm-policy <command> [key=value ...]
+
+commands:
+  data info PATH                      keys, shapes, episodes and length statistics of a dataset
+  data generate pusht [n=100 out=data/pusht_generated.zarr seed=0 workers=2 images=true]
+                                      plan PushT demonstrations offline (keeps successful ones)
+  train [task=... method=... model=... key=value ...]
+                                      train a policy (Hydra overrides of config/config.yaml)
+  eval checkpoint=PATH [steps=1 n_episodes=50 start_seed=100000 n_envs=2 n_videos=4 out=DIR]
+                                      closed-loop evaluation of a checkpoint on the test seeds
+  run [key=value ...]                 the end-to-end job: demos -> train -> eval -> report
+"""
+
+
+def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def parse_pairs(args: Sequence[str], allowed: dict[str, type]) -> dict:
+    """``key=value`` arguments, converted to the allowed keys' types."""
+    out = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in allowed:
+            raise SystemExit(
+                f"error: expected key=value with key in {sorted(allowed)}, got {arg!r}"
+            )
+        kind = allowed[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"error: {key} must be true or false, got {value!r}")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise SystemExit(f"error: {key} must be {kind.__name__}, got {value!r}") from None
+    return out
+
+
+def cmd_data(args: list[str]) -> None:
+    if args[:1] == ["info"] and len(args) == 2:
+        from cm_policy.data.replay_buffer import describe
+
+        print(describe(args[1]))
+        return
+    if args[:2] == ["generate", "pusht"]:
+        opts = parse_pairs(
+            args[2:], {"n": int, "out": str, "seed": int, "workers": int, "images": bool}
+        )
+        from cm_policy.data.pusht_demos import generate_pusht_dataset
+
+        generate_pusht_dataset(
+            opts.get("out", "data/pusht_generated.zarr"),
+            n_episodes=opts.get("n", 100),
+            seed=opts.get("seed", 0),
+            workers=opts.get("workers", 2),
+            images=opts.get("images", True),
+        )
+        return
+    raise SystemExit("usage: cm-policy data info PATH | cm-policy data generate pusht [k=v ...]")
+
+
+def cmd_train(args: list[str]) -> Path:
+    from cm_policy.training.trainer import train
+
+    return train(compose("config", args))
+
+
+def cmd_eval(args: list[str]) -> dict:
+    opts = parse_pairs(
+        args,
+        {
+            "checkpoint": str,
+            "steps": int,
+            "n_episodes": int,
+            "start_seed": int,
+            "n_envs": int,
+            "n_videos": int,
+            "max_steps": int,
+            "out": str,
+            "weights": str,
+        },
+    )
+    if "checkpoint" not in opts:
+        raise SystemExit("error: cm-policy eval needs checkpoint=PATH")
+    from cm_policy.evaluation.runner import evaluate
+    from cm_policy.tasks import env_factory
+    from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
+
+    folder = resolve_checkpoint(opts["checkpoint"])
+    policy = load_policy(folder, weights=opts.get("weights", "ema"))
+    steps = opts.get("steps", policy.method.default_steps)
+    start, n = opts.get("start_seed", 100000), opts.get("n_episodes", 50)
+    out = Path(opts.get("out", folder.parent.parent / "eval" / f"{folder.name}_steps{steps}"))
+    metrics = evaluate(
+        policy,
+        env_factory(policy.spec["task"]),
+        list(range(start, start + n)),
+        out,
+        n_obs_steps=policy.n_obs_steps,
+        n_action_steps=policy.n_action_steps,
+        max_steps=opts.get("max_steps", 300),
+        n_envs=opts.get("n_envs", 2),
+        n_videos=opts.get("n_videos", 4),
+        predict_kwargs={"steps": steps},
+        extra={"steps": steps, "checkpoint": str(folder), "weights": opts.get("weights", "ema")},
+    )
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out}/metrics.json, episodes.json, summary.png and videos/")
+    return metrics
+
+
+def cmd_run(args: list[str]) -> Path:
+    from cm_policy.data.pusht_demos import generate_pusht_dataset
+    from cm_policy.training.checkpoint import load_policy
+    from cm_policy.training.report import write_report
+    from cm_policy.training.trainer import run_eval, train
+
+    cfg = compose("quickstart", args)
+    dataset = Path(cfg.task.dataset_path)
+    if not dataset.exists():
+        print(f"no dataset at {dataset}: generating {cfg.demos.n_episodes} PushT demos")
+        generate_pusht_dataset(
+            dataset,
+            n_episodes=cfg.demos.n_episodes,
+            seed=cfg.demos.seed,
+            workers=cfg.demos.workers,
+            images=bool(cfg.demos.images) or cfg.task.obs_type == "image",
+        )
+    run_dir = train(cfg)
+    policy = load_policy(run_dir, weights="ema")
+    metrics = run_eval(cfg, policy, run_dir / "eval_final")
+    report = write_report(run_dir, cfg, metrics)
+    print(json.dumps(metrics, indent=2))
+    print(f"report: {report}")
+    return run_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="cm-policy", usage=USAGE, add_help=True)
+    parser.add_argument("command", choices=["data", "train", "eval", "run"])
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return
+    command, rest = argv[0], argv[1:]
+    parser.parse_args([command])
+    {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "run": cmd_run}[command](rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,520 @@
+"""Episode storage on zarr: time-major arrays under ``data/`` and cumulative ends in ``meta/``.
+
+The layout is that of Diffusion Policy's replay buffers, so its zarr v2 datasets open unchanged;
+new datasets are written as zarr v3 with Blosc/zstd compression.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numcodecs
+import numpy as np
+import zarr
+import zarr.errors
+from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore, MemoryStore
+
+DATA_GROUP = "data"
+META_GROUP = "meta"
+EPISODE_ENDS = "episode_ends"
+
+# Chunks of a few MiB keep zstd efficient and random access cheap; the step bounds give roughly
+# 64-150 frames for 96x96 images and a few thousand steps for low-dimensional arrays.
+_CHUNK_TARGET_BYTES = 4 << 20
+_CHUNK_MIN_STEPS = 64
+_CHUNK_MAX_STEPS = 4096
+_BLOSC_CNAME = "zstd"
+_BLOSC_CLEVEL = 5
+
+# Numeric kinds only: booleans, signed/unsigned integers and floats.
+_NUMERIC_KINDS = "biuf"
+
+# Above this many elements `describe` estimates min/max from a few chunks instead of reading all.
+_DESCRIBE_FULL_SCAN_LIMIT = 50_000_000
+_DESCRIBE_SAMPLE_CHUNKS = 8
+
+ArrayLike = zarr.Array | np.ndarray
+
+
+class DatasetError(ValueError):
+    """A dataset on disk or in memory does not have the expected layout or contents."""
+
+
+def _time_chunk(step_shape: tuple[int, ...], dtype: np.dtype) -> int:
+    step_bytes = max(1, int(np.prod(step_shape, dtype=np.int64)) * dtype.itemsize)
+    return int(np.clip(_CHUNK_TARGET_BYTES // step_bytes, _CHUNK_MIN_STEPS, _CHUNK_MAX_STEPS))
+
+
+def _compressor(dtype: np.dtype, zarr_format: int) -> Any:
+    # Byte-shuffle groups the bytes of multi-byte numbers; for 1-byte types it is a no-op, so
+    # bit-shuffle is used there instead.
+    bitshuffle = dtype.itemsize == 1
+    if zarr_format == 2:
+        shuffle = numcodecs.Blosc.BITSHUFFLE if bitshuffle else numcodecs.Blosc.SHUFFLE
+        return numcodecs.Blosc(cname=_BLOSC_CNAME, clevel=_BLOSC_CLEVEL, shuffle=shuffle)
+    shuffle = "bitshuffle" if bitshuffle else "shuffle"
+    return BloscCodec(cname=_BLOSC_CNAME, clevel=_BLOSC_CLEVEL, shuffle=shuffle)
+
+
+def _create_data_array(
+    group: zarr.Group, key: str, step_shape: tuple[int, ...], dtype: np.dtype, length: int
+) -> zarr.Array:
+    zarr_format = group.metadata.zarr_format
+    return group.create_array(
+        key,
+        shape=(length, *step_shape),
+        dtype=dtype,
+        chunks=(_time_chunk(step_shape, dtype), *step_shape),
+        compressors=_compressor(dtype, zarr_format),
+    )
+
+
+def _new_root(store: LocalStore | MemoryStore) -> zarr.Group:
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    root.create_group(DATA_GROUP)
+    root.create_group(META_GROUP).create_array(
+        EPISODE_ENDS, shape=(0,), dtype=np.int64, chunks=(_CHUNK_MAX_STEPS,)
+    )
+    return root
+
+
+def _check_episode_ends(ends: np.ndarray, where: str) -> None:
+    if ends.ndim != 1 or ends.dtype.kind not in "iu":
+        raise DatasetError(
+            f"{where}: meta/{EPISODE_ENDS} must be a 1-D integer array, "
+            f"found shape {ends.shape} dtype {ends.dtype}"
+        )
+    if ends.size and ends[0] <= 0:
+        raise DatasetError(
+            f"{where}: meta/{EPISODE_ENDS}[0] is {ends[0]} (expected > 0): every episode needs "
+            "at least one step"
+        )
+    steps = np.diff(ends)
+    if steps.size and (steps <= 0).any():
+        bad = int(np.flatnonzero(steps <= 0)[0]) + 1
+        raise DatasetError(
+            f"{where}: meta/{EPISODE_ENDS} must be strictly increasing, found "
+            f"[{bad - 1}]={ends[bad - 1]} followed by [{bad}]={ends[bad]}"
+        )
+
+
+def _check_data_arrays(data: Mapping[str, Any], ends: np.ndarray, where: str) -> None:
+    n_steps = int(ends[-1]) if ends.size else 0
+    if ends.size and not data:
+        raise DatasetError(
+            f"{where}: meta/{EPISODE_ENDS}[-1] is {n_steps} but {DATA_GROUP}/ holds no arrays"
+        )
+    for key, arr in data.items():
+        dtype = np.dtype(arr.dtype)
+        if dtype.kind not in _NUMERIC_KINDS:
+            raise DatasetError(
+                f"{where}: {DATA_GROUP}/{key} has dtype {dtype} (expected a numeric dtype: "
+                "bool, integer or float)"
+            )
+        if len(arr.shape) == 0:
+            raise DatasetError(
+                f"{where}: {DATA_GROUP}/{key} is a scalar (expected a time-major array)"
+            )
+        if arr.shape[0] != n_steps:
+            raise DatasetError(
+                f"{where}: {DATA_GROUP}/{key} has {arr.shape[0]} steps but "
+                f"meta/{EPISODE_ENDS}[-1] is {n_steps} (expected equal): the dataset is "
+                "truncated or corrupt"
+            )
+
+
+def _check_finite(key: str, arr: np.ndarray, ends: np.ndarray, where: str) -> None:
+    # min/max propagate NaN and surface inf without allocating a mask as large as the array;
+    # the exact per-step scan only runs to report a failure.
+    if arr.dtype.kind != "f" or arr.size == 0 or np.isfinite([arr.min(), arr.max()]).all():
+        return
+    finite = np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    bad_steps = np.flatnonzero(~finite)
+    step = int(bad_steps[0])
+    episode = int(np.searchsorted(ends, step, side="right"))
+    raise DatasetError(
+        f"{where}: {DATA_GROUP}/{key} has non-finite values (NaN or inf) at {bad_steps.size} "
+        f"step(s), first at step {step} (episode {episode}); expected finite floats"
+    )
+
+
+def _select_keys(available: Iterable[str], keys: Iterable[str] | None, where: str) -> list[str]:
+    available = list(available)
+    if keys is None:
+        return available
+    keys = list(keys)
+    missing = [k for k in keys if k not in available]
+    if missing:
+        raise DatasetError(
+            f"{where}: requested key(s) {missing} not found in {DATA_GROUP}/ "
+            f"(available: {sorted(available)})"
+        )
+    return keys
+
+
+def _open_root(path: str | Path, mode: Literal["r", "a"]) -> zarr.Group:
+    path = Path(path)
+    if not path.exists():
+        hint = "" if mode == "r" else "; use ReplayBuffer.create to make a new one"
+        raise DatasetError(f"no dataset at {path}: the path does not exist{hint}")
+    try:
+        # "r+" rather than "a": opening must never create a group inside an unrelated directory.
+        zarr_mode = "r" if mode == "r" else "r+"
+        return zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=zarr_mode)
+    except zarr.errors.BaseZarrError as exc:
+        raise DatasetError(f"{path}: expected a zarr group (dataset root), found: {exc}") from exc
+
+
+def _read_layout(root: zarr.Group, where: str) -> tuple[dict[str, zarr.Array], np.ndarray]:
+    data_group = root.get(DATA_GROUP)
+    if not isinstance(data_group, zarr.Group):
+        raise DatasetError(
+            f"{where}: expected a group '{DATA_GROUP}/' holding the time-major arrays, "
+            f"found {'nothing' if data_group is None else type(data_group).__name__}"
+        )
+    meta_group = root.get(META_GROUP)
+    ends_array = meta_group.get(EPISODE_ENDS) if isinstance(meta_group, zarr.Group) else None
+    if not isinstance(ends_array, zarr.Array):
+        raise DatasetError(
+            f"{where}: expected an array 'meta/{EPISODE_ENDS}' of cumulative episode ends, "
+            "found none"
+        )
+    ends = np.asarray(ends_array[:])
+    _check_episode_ends(ends, where)
+    data = dict(sorted(data_group.arrays()))
+    _check_data_arrays(data, ends, where)
+    return data, ends.astype(np.int64)
+
+
+class ReplayBuffer:
+    """Episodes of equal-length time-major arrays, on zarr (disk or memory) or numpy in RAM.
+
+    Build one with `create`, `open` or `load` rather than the constructor.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, ArrayLike],
+        episode_ends: np.ndarray,
+        root: zarr.Group | None = None,
+        path: Path | None = None,
+        writable: bool = True,
+    ) -> None:
+        self._data: dict[str, ArrayLike] = dict(data)
+        self._ends = np.asarray(episode_ends, dtype=np.int64)
+        self._root = root
+        self._path = path
+        self._writable = writable
+        self.validate()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path | None = None, overwrite: bool = False) -> ReplayBuffer:
+        """An empty zarr v3 buffer at `path`, or in memory when `path` is None."""
+        if path is None:
+            return cls({}, np.zeros(0, np.int64), root=_new_root(MemoryStore()))
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        return cls({}, np.zeros(0, np.int64), root=_new_root(LocalStore(path)), path=path)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        mode: Literal["r", "a"] = "r",
+        keys: Iterable[str] | None = None,
+    ) -> ReplayBuffer:
+        """Open a dataset on disk lazily (zarr v2 or v3); `keys` restricts a read-only view."""
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        if keys is not None and mode != "r":
+            raise ValueError("a key subset is a read-only view: open with mode='r' to use keys")
+        path = Path(path)
+        root = _open_root(path, mode)
+        data, ends = _read_layout(root, str(path))
+        selected = _select_keys(data, keys, str(path))
+        return cls({k: data[k] for k in selected}, ends, root=root, path=path, writable=mode == "a")
+
+    @classmethod
+    def load(cls, path: str | Path, keys: Iterable[str] | None = None) -> ReplayBuffer:
+        """Read a dataset fully into RAM as numpy arrays, rejecting NaN/inf in float arrays."""
+        source = cls.open(path, mode="r", keys=keys)
+        data = {}
+        for key in source.keys:
+            data[key] = np.asarray(source[key][:])
+            _check_finite(key, data[key], source.episode_ends, str(path))
+        return cls(data, source.episode_ends, path=Path(path))
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write a zarr v3 copy to `path`, via a temporary directory renamed into place."""
+        path = Path(path).resolve()
+        if self._path is not None and self._root is not None and path == self._path.resolve():
+            raise ValueError(f"cannot save a buffer onto the path it is open from ({path})")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        parent = path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        # The temporary directory sits beside the target so that the final rename stays on one
+        # filesystem and is atomic; a crash leaves a hidden directory, never a half-written
+        # dataset at `path`.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        try:
+            root = _new_root(LocalStore(tmp))
+            for key, src in self._data.items():
+                dst = _create_data_array(
+                    root[DATA_GROUP], key, tuple(src.shape[1:]), np.dtype(src.dtype), self.n_steps
+                )
+                block = dst.chunks[0]
+                for start in range(0, self.n_steps, block):
+                    dst[start : start + block] = src[start : start + block]
+            _write_ends(root, self._ends)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path | None:
+        """Where the buffer lives or was loaded from; None for an in-memory buffer."""
+        return self._path
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        """Cumulative episode ends (read-only view)."""
+        view = self._ends.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self._ends, prepend=0)
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self._ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self._ends[-1]) if self._ends.size else 0
+
+    @property
+    def zarr_format(self) -> int | None:
+        """2 or 3 for a zarr-backed buffer, None for numpy arrays in RAM."""
+        return None if self._root is None else self._root.metadata.zarr_format
+
+    def __getitem__(self, key: str) -> ArrayLike:
+        if key not in self._data:
+            raise KeyError(f"no key {key!r} in buffer (available: {self.keys})")
+        return self._data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __repr__(self) -> str:
+        where = self._path if self._path is not None else "memory"
+        return (
+            f"ReplayBuffer({where}, episodes={self.n_episodes}, steps={self.n_steps}, "
+            f"keys={self.keys})"
+        )
+
+    # -- episodes -----------------------------------------------------------------------------
+
+    def _episode_index(self, i: int) -> int:
+        if not -self.n_episodes <= i < self.n_episodes:
+            raise IndexError(f"episode {i} out of range for a buffer of {self.n_episodes} episodes")
+        return i % self.n_episodes
+
+    def episode_slice(self, i: int) -> slice:
+        """Time steps of episode `i` (negative indices count from the end)."""
+        i = self._episode_index(i)
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return slice(start, int(self._ends[i]))
+
+    def get_episode(self, i: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Episode `i` as numpy arrays."""
+        span = self.episode_slice(i)
+        return {k: np.asarray(self[k][span]) for k in (self.keys if keys is None else keys)}
+
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise ValueError(
+                f"buffer at {self._path} is read-only (opened with mode='r'); "
+                "open it with mode='a' to modify it"
+            )
+
+    def _check_new_episode(self, data: Mapping[str, np.ndarray]) -> int:
+        if not data:
+            raise ValueError("an episode needs at least one array, got an empty dict")
+        if self._data and set(data) != set(self._data):
+            raise ValueError(
+                f"episode keys {sorted(data)} differ from the buffer's keys {sorted(self._data)}"
+            )
+        lengths = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in data.items()}
+        length = next(iter(lengths.values()))
+        if any(n is None for n in lengths.values()) or length == 0:
+            raise ValueError(f"every array needs a time axis with >= 1 steps, got {lengths}")
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"all arrays of an episode need the same length, got {lengths}")
+        for key, value in data.items():
+            if not key or "/" in key:
+                raise ValueError(f"key {key!r} is not a valid array name (non-empty, no '/')")
+            value = np.asarray(value)
+            if value.dtype.kind not in _NUMERIC_KINDS:
+                raise ValueError(f"{key}: expected a numeric dtype, got {value.dtype}")
+            if key in self._data:
+                existing = self._data[key]
+                if tuple(existing.shape[1:]) != value.shape[1:] or existing.dtype != value.dtype:
+                    raise ValueError(
+                        f"{key}: expected per-step shape {tuple(existing.shape[1:])} and dtype "
+                        f"{existing.dtype} like the stored episodes, got {value.shape[1:]} "
+                        f"and {value.dtype}"
+                    )
+        return length
+
+    def add_episode(self, data: Mapping[str, np.ndarray]) -> None:
+        """Append one episode; all arrays share the length T >= 1 and match the stored keys."""
+        self._require_writable()
+        length = self._check_new_episode(data)
+        old_steps = self.n_steps
+        if self._root is None:
+            for key, value in data.items():
+                value = np.asarray(value)
+                self._data[key] = (
+                    np.concatenate([self._data[key], value]) if key in self._data else value.copy()
+                )
+        else:
+            group = self._root[DATA_GROUP]
+            try:
+                for key, value in data.items():
+                    value = np.asarray(value)
+                    if key not in self._data:
+                        self._data[key] = _create_data_array(
+                            group, key, value.shape[1:], value.dtype, 0
+                        )
+                    self._data[key].append(value, axis=0)
+            except Exception:
+                # Undo partial appends so the stored arrays still agree with episode_ends.
+                for arr in self._data.values():
+                    if arr.shape[0] != old_steps:
+                        arr.resize((old_steps, *arr.shape[1:]))
+                raise
+        # episode_ends is written last: an interrupted write leaves arrays longer than the last
+        # end, which validation reports, instead of an end that points past the data.
+        self._set_ends(np.append(self._ends, old_steps + length))
+
+    def drop_episode(self, i: int = -1) -> None:
+        """Remove episode `i` (default: the last one), shifting later episodes down."""
+        self._require_writable()
+        span = self.episode_slice(i)
+        i = self._episode_index(i)
+        length = span.stop - span.start
+        new_steps = self.n_steps - length
+        for key, arr in self._data.items():
+            if self._root is None:
+                self._data[key] = np.concatenate([arr[: span.start], arr[span.stop :]])
+                continue
+            # Copy the tail down chunk by chunk so that image arrays never need to fit in RAM.
+            block = arr.chunks[0]
+            for src in range(span.stop, self.n_steps, block):
+                stop = min(src + block, self.n_steps)
+                arr[src - length : stop - length] = arr[src:stop]
+            arr.resize((new_steps, *arr.shape[1:]))
+        self._set_ends(np.concatenate([self._ends[:i], self._ends[i + 1 :] - length]))
+
+    def _set_ends(self, ends: np.ndarray) -> None:
+        self._ends = ends.astype(np.int64)
+        if self._root is not None:
+            _write_ends(self._root, self._ends)
+
+    def validate(self) -> None:
+        """Raise DatasetError unless episode ends and array lengths are consistent."""
+        where = str(self._path) if self._path is not None else "<memory>"
+        _check_episode_ends(self._ends, where)
+        _check_data_arrays(self._data, self._ends, where)
+
+
+def _write_ends(root: zarr.Group, ends: np.ndarray) -> None:
+    array = root[META_GROUP][EPISODE_ENDS]
+    array.resize(ends.shape)
+    if ends.size:
+        array[:] = ends
+
+
+def _format_compressor(arr: zarr.Array) -> str:
+    names = []
+    for codec in arr.compressors:
+        cname = getattr(codec, "cname", None)
+        if cname is None:
+            names.append(repr(codec))
+            continue
+        shuffle = codec.shuffle
+        if isinstance(shuffle, int):
+            shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(shuffle, str(shuffle))
+        names.append(
+            f"blosc({getattr(cname, 'value', cname)}, clevel={codec.clevel}, "
+            f"{getattr(shuffle, 'value', shuffle)})"
+        )
+    return ", ".join(names) or "none"
+
+
+def _format_range(arr: zarr.Array) -> str:
+    n_steps = arr.shape[0]
+    if n_steps == 0:
+        return "empty"
+    if arr.size <= _DESCRIBE_FULL_SCAN_LIMIT:
+        values = np.asarray(arr[:])
+        return f"min {float(values.min()):.6g}, max {float(values.max()):.6g}"
+    # Whole chunks spread over the array: one decompression per sampled chunk.
+    block = arr.chunks[0]
+    starts = np.linspace(0, n_steps - 1, _DESCRIBE_SAMPLE_CHUNKS).astype(int) // block * block
+    samples = [np.asarray(arr[s : s + block]) for s in np.unique(starts)]
+    sampled = sum(len(s) for s in samples)
+    lo = min(float(s.min()) for s in samples)
+    hi = max(float(s.max()) for s in samples)
+    return f"min {lo:.6g}, max {hi:.6g} (sampled {sampled} of {n_steps} steps)"
+
+
+def describe(path: str | Path) -> str:
+    """A human-readable summary of the dataset at `path` (for ``cm-policy data info``)."""
+    buffer = ReplayBuffer.open(path, mode="r")
+    lengths = buffer.episode_lengths
+    lines = [
+        f"path:      {Path(path).resolve()}",
+        f"format:    zarr v{buffer.zarr_format}",
+        f"episodes:  {buffer.n_episodes}",
+        f"steps:     {buffer.n_steps}",
+    ]
+    if lengths.size:
+        lines.append(
+            f"episode length: min {lengths.min()}, mean {lengths.mean():.1f}, "
+            f"median {np.median(lengths):.1f}, max {lengths.max()}"
+        )
+    lines.append("arrays:")
+    for key in buffer.keys:
+        arr = buffer[key]
+        lines.append(
+            f"  {DATA_GROUP}/{key}: shape {tuple(arr.shape)}, dtype {arr.dtype}, "
+            f"chunks {tuple(arr.chunks)}, compressor {_format_compressor(arr)}, "
+            f"{_format_range(arr)}"
+        )
+    return "\n".join(lines)

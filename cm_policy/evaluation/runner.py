@@ -1,0 +1,212 @@
+"""Closed-loop evaluation of any ``predict_action`` policy in parallel environments.
+
+The runner keeps an observation history of ``n_obs_steps`` per env (filled with the first
+observation at reset, as Diffusion Policy's multi-step wrapper does), executes ``n_action_steps``
+actions of each predicted chunk, and records per episode the maximum reward and success.
+Episodes run in waves of ``n_envs``, each env reset with its own test seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+from tqdm import tqdm
+
+from cm_policy.evaluation.video import write_mp4
+
+
+class ActionPredictor(Protocol):
+    def predict_action(self, obs: Mapping[str, np.ndarray]) -> np.ndarray: ...
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    max_reward: float
+    success: bool
+    n_steps: int
+    video: str | None = None
+
+
+def _stack_obs(obs: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
+    return {k: np.repeat(np.asarray(v)[:, None], steps, axis=1) for k, v in obs.items()}
+
+
+def _push_obs(history: dict[str, np.ndarray], obs: Mapping[str, np.ndarray]) -> None:
+    for k, window in history.items():
+        window[:, :-1] = window[:, 1:]
+        window[:, -1] = obs[k]
+
+
+def make_vector_env(env_fn: Callable[[], gym.Env], n_envs: int) -> gym.vector.VectorEnv:
+    """Envs in spawned worker processes (no state or GL context inherited from the parent)."""
+    if n_envs == 1:
+        return gym.vector.SyncVectorEnv([env_fn], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    return gym.vector.AsyncVectorEnv(
+        [env_fn] * n_envs, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED
+    )
+
+
+def run_episodes(
+    policy: ActionPredictor,
+    env_fn: Callable[[], gym.Env],
+    seeds: Sequence[int],
+    *,
+    n_obs_steps: int = 2,
+    n_action_steps: int = 8,
+    max_steps: int = 300,
+    n_envs: int = 2,
+    n_videos: int = 0,
+    video_dir: str | Path | None = None,
+    fps: int = 10,
+    progress: bool = True,
+    predict_kwargs: Mapping[str, Any] | None = None,
+    vector_env: gym.vector.VectorEnv | None = None,
+) -> list[EpisodeResult]:
+    """Run one episode per seed; videos of the first ``n_videos`` seeds go to ``video_dir``."""
+    seeds = [int(s) for s in seeds]
+    if n_videos and video_dir is None:
+        raise ValueError("n_videos > 0 needs a video_dir")
+    n_envs = max(1, min(n_envs, len(seeds)))
+    envs = vector_env or make_vector_env(env_fn, n_envs)
+    n_envs = envs.num_envs
+    kwargs = dict(predict_kwargs or {})
+    results: list[EpisodeResult] = []
+    bar = tqdm(total=len(seeds), desc="eval", unit="ep", disable=not progress)
+    try:
+        for start in range(0, len(seeds), n_envs):
+            wave = seeds[start : start + n_envs]
+            # Unused envs of a short last wave run a copy of the wave's first seed.
+            padded = wave + [wave[0]] * (n_envs - len(wave))
+            obs, _ = envs.reset(seed=padded)
+            history = _stack_obs(obs, n_obs_steps)
+            active = np.zeros(n_envs, dtype=bool)
+            active[: len(wave)] = True
+            max_reward = np.zeros(n_envs)
+            success = np.zeros(n_envs, dtype=bool)
+            n_steps = np.zeros(n_envs, dtype=int)
+            filmed = [start + i < n_videos for i in range(n_envs)]
+            frames: list[list[np.ndarray]] = [[] for _ in range(n_envs)]
+            if any(filmed):
+                for i, frame in enumerate(envs.call("render")):
+                    if filmed[i]:
+                        frames[i].append(frame)
+            step = 0
+            while active.any() and step < max_steps:
+                actions = np.asarray(policy.predict_action(history, **kwargs))
+                if actions.ndim != 3 or actions.shape[0] != n_envs:
+                    raise ValueError(
+                        f"predict_action must return (n_envs={n_envs}, n_action_steps, "
+                        f"action_dim), got shape {actions.shape}"
+                    )
+                for j in range(min(n_action_steps, actions.shape[1])):
+                    if not active.any() or step >= max_steps:
+                        break
+                    obs, reward, terminated, truncated, info = envs.step(actions[:, j])
+                    step += 1
+                    max_reward = np.where(active, np.maximum(max_reward, reward), max_reward)
+                    success |= active & np.asarray(info.get("is_success", terminated), dtype=bool)
+                    n_steps += active
+                    _push_obs(history, obs)
+                    if any(filmed[i] and active[i] for i in range(n_envs)):
+                        for i, frame in enumerate(envs.call("render")):
+                            if filmed[i] and active[i]:
+                                frames[i].append(frame)
+                    active &= ~(terminated | truncated)
+            for i, seed in enumerate(wave):
+                video = None
+                if filmed[i]:
+                    video = str(write_mp4(Path(video_dir) / f"seed_{seed}.mp4", frames[i], fps))
+                results.append(
+                    EpisodeResult(
+                        seed, float(max_reward[i]), bool(success[i]), int(n_steps[i]), video
+                    )
+                )
+            bar.update(len(wave))
+    finally:
+        bar.close()
+        if vector_env is None:
+            envs.close()
+    return results
+
+
+def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """mean_score and success rate with 95% intervals (normal for the mean, Wilson for rates)."""
+    n = len(results)
+    scores = np.array([r.max_reward for r in results])
+    wins = sum(r.success for r in results)
+    z = 1.959964
+    half = z * scores.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    p = wins / n
+    denom = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denom
+    spread = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return {
+        "n_episodes": n,
+        "mean_score": float(scores.mean()),
+        "mean_score_ci95": [
+            max(0.0, float(scores.mean() - half)),
+            min(1.0, float(scores.mean() + half)),
+        ],
+        "success_rate": p,
+        "success_rate_ci95": [centre - spread, centre + spread],
+        "mean_episode_steps": float(np.mean([r.n_steps for r in results])),
+    }
+
+
+def plot_summary(results: Sequence[EpisodeResult], metrics: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.array([r.max_reward for r in results])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].hist(scores, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    axes[0].axvline(metrics["mean_score"], color="k", ls="--", label="mean_score")
+    axes[0].set_xlabel("episode max reward")
+    axes[0].set_ylabel("episodes")
+    axes[0].legend()
+    order = np.argsort(scores)
+    colors = ["tab:green" if results[i].success else "tab:red" for i in order]
+    axes[1].bar(np.arange(len(scores)), scores[order], color=colors, width=1.0)
+    axes[1].set_xlabel("episode (sorted); green = success")
+    axes[1].set_ylabel("max reward")
+    fig.suptitle(
+        f"mean_score {metrics['mean_score']:.3f}, success {metrics['success_rate']:.2f} "
+        f"over {metrics['n_episodes']} episodes"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(
+    policy: ActionPredictor,
+    env_fn: Callable[[], gym.Env],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    **run_kwargs: Any,
+) -> dict[str, Any]:
+    """Run the episodes; write ``metrics.json``, ``episodes.json``, videos and ``summary.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = run_episodes(policy, env_fn, seeds, video_dir=out / "videos", **run_kwargs)
+    metrics = summarize(results)
+    metrics.update({"seeds": [seeds[0], seeds[-1]], "wall_s": time.perf_counter() - started})
+    metrics.update(extra or {})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "episodes.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    plot_summary(results, metrics, out / "summary.png")
+    return metrics

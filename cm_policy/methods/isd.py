@@ -1,0 +1,123 @@
+"""Stabilized flow-map self-distillation (iSD, arXiv 2601.22679), as specified in METHOD.md.
+
+Time runs from 1 (noise) to 0 (data). The network ``F(x, t, s, o)`` is the average velocity from t
+to s, so the flow map is ``x - (t - s) * F``. One step generates ``a = z - F(z, 1, 0, o)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cm_policy.methods.base import Method
+
+DERIVATIVES = ("finite_difference", "jvp")
+
+
+class ISD(Method):
+    name = "isd"
+
+    def __init__(
+        self,
+        derivative: str = "finite_difference",
+        fd_eps: float = 0.005,
+        beta_a: float = 0.8,
+        beta_b: float = 1.0,
+        adaptive_c: float = 0.01,
+        adaptive_p: float = 1.0,
+        default_steps: int = 1,
+    ):
+        if derivative not in DERIVATIVES:
+            raise ValueError(f"derivative must be one of {DERIVATIVES}, got {derivative!r}")
+        self.derivative = derivative
+        self.fd_eps = fd_eps
+        self.beta_a, self.beta_b = beta_a, beta_b
+        self.adaptive_c, self.adaptive_p = adaptive_c, adaptive_p
+        self.default_steps = default_steps
+
+    def config(self) -> dict:
+        return {
+            "derivative": self.derivative,
+            "fd_eps": self.fd_eps,
+            "beta_a": self.beta_a,
+            "beta_b": self.beta_b,
+            "adaptive_c": self.adaptive_c,
+            "adaptive_p": self.adaptive_p,
+            "default_steps": self.default_steps,
+        }
+
+    def sample_times(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """t >= s, both from Beta(0.8, 1) and ordered."""
+        a = torch.full((2, batch), self.beta_a, device=device)
+        u = torch.distributions.Beta(a, torch.full_like(a, self.beta_b)).sample()
+        return u.max(dim=0).values, u.min(dim=0).values
+
+    def time_derivative(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        cond: torch.Tensor,
+        velocity: torch.Tensor,
+    ) -> torch.Tensor:
+        """dF/dx * velocity + dF/dt at fixed s, without gradient."""
+        with torch.no_grad():
+            if self.derivative == "jvp":
+                _, tangent = torch.func.jvp(
+                    lambda x_, t_: model(x_, t_, s, cond), (x, t), (velocity, torch.ones_like(t))
+                )
+                return tangent
+            # Central difference; the two evaluations share one batched forward pass.
+            eps = self.fd_eps
+            shift = eps * velocity
+            out = model(
+                torch.cat([x + shift, x - shift]),
+                torch.cat([t + eps, t - eps]),
+                torch.cat([s, s]),
+                torch.cat([cond, cond]),
+            )
+            plus, minus = out.chunk(2)
+            return (plus - minus) / (2 * eps)
+
+    def loss(
+        self, model: nn.Module, actions: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = actions.shape[0]
+        t, s = self.sample_times(batch, actions.device)
+        z = torch.randn_like(actions)
+        tb = t.view(-1, 1, 1)
+        x_t = (1 - tb) * actions + tb * z
+        # The diagonal F(x_t, t, t) and the jump F(x_t, t, s) in one forward pass with gradient.
+        out = model(
+            torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, s]), torch.cat([cond, cond])
+        )
+        f_diag, f_jump = out.chunk(2)
+        v_hat = f_diag.detach()  # the teacher velocity is the model's own diagonal, no gradient
+        d = self.time_derivative(model, x_t, t, s, cond, v_hat)
+        target = v_hat - (t - s).view(-1, 1, 1) * d
+        loss_fm = (f_diag - (z - actions)).pow(2).flatten(1).mean(dim=1)
+        loss_sd = (f_jump - target).pow(2).flatten(1).mean(dim=1)
+        per_sample = loss_fm + loss_sd
+        weight = (per_sample.detach() + self.adaptive_c).pow(self.adaptive_p)
+        loss = (per_sample / weight).mean()
+        logs = {"loss_fm": loss_fm.detach().mean(), "loss_sd": loss_sd.detach().mean()}
+        return loss, logs
+
+    def sample(
+        self,
+        model: nn.Module,
+        cond: torch.Tensor,
+        shape: tuple[int, ...],
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        steps = steps or self.default_steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+        grid = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
+        for k in range(steps):
+            t, s = grid[k].expand(shape[0]), grid[k + 1].expand(shape[0])
+            x = x - (grid[k] - grid[k + 1]) * model(x, t, s, cond)
+        return x.clamp(-1.0, 1.0)

@@ -1,0 +1,116 @@
+"""Observation encoders: a window of n_obs_steps observations -> one condition vector."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LowDimEncoder(nn.Module):
+    """Concatenates normalised low-dim keys and flattens them over the observation window."""
+
+    def __init__(self, key_dims: Mapping[str, int], n_obs_steps: int):
+        super().__init__()
+        self.keys = list(key_dims)
+        self.out_dim = sum(key_dims.values()) * n_obs_steps
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([obs[k].flatten(1) for k in self.keys], dim=-1)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm (BatchNorm is a poor fit for EMA weights and batch 1)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.GroupNorm(groups, out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet18GN(nn.Module):
+    """ResNet-18 layout (2-2-2-2 basic blocks) with GroupNorm and a global average pool."""
+
+    def __init__(self, widths: Sequence[int] = (64, 128, 256, 512), groups_per: int = 16):
+        super().__init__()
+        w0 = widths[0]
+
+        def groups(width: int) -> int:  # Diffusion Policy's choice: 16 channels per group
+            return max(1, width // groups_per)
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w0, 7, 2, 3, bias=False),
+            nn.GroupNorm(groups(w0), w0),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        layers, in_ch = [], w0
+        for k, w in enumerate(widths):
+            stride = 1 if k == 0 else 2
+            layers += [BasicBlock(in_ch, w, stride, groups(w)), BasicBlock(w, w, 1, groups(w))]
+            in_ch = w
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x)).mean(dim=(2, 3))
+
+
+class ImageEncoder(nn.Module):
+    """One ResNet-18-GN per camera on cropped images, concatenated with low-dim keys.
+
+    Images arrive as (B, T, H, W, 3) uint8 or float in 0..255. Training takes a random crop per
+    sample, evaluation the centre crop (Diffusion Policy's 84 of 96 for PushT).
+    """
+
+    def __init__(
+        self,
+        image_keys: Sequence[str],
+        low_dim: Mapping[str, int],
+        n_obs_steps: int,
+        crop: int = 84,
+        widths: Sequence[int] = (64, 128, 256, 512),
+    ):
+        super().__init__()
+        self.image_keys = list(image_keys)
+        self.low_dim_keys = list(low_dim)
+        self.crop = crop
+        self.backbones = nn.ModuleDict({k: ResNet18GN(widths) for k in self.image_keys})
+        per_step = widths[-1] * len(self.image_keys) + sum(low_dim.values())
+        self.out_dim = per_step * n_obs_steps
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        c = self.crop
+        if self.training:
+            top = torch.randint(0, h - c + 1, (x.shape[0],), device=x.device)
+            left = torch.randint(0, w - c + 1, (x.shape[0],), device=x.device)
+            rows = (top[:, None] + torch.arange(c, device=x.device))[:, None, :, None]
+            cols = (left[:, None] + torch.arange(c, device=x.device))[:, None, None, :]
+            batch = torch.arange(x.shape[0], device=x.device)[:, None, None, None]
+            chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+            return x[batch, chan, rows, cols]
+        top, left = (h - c) // 2, (w - c) // 2
+        return x[..., top : top + c, left : left + c]
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        batch, steps = next(iter(obs.values())).shape[:2]
+        feats = []
+        for k in self.image_keys:
+            img = obs[k].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+            feats.append(self.backbones[k](self._crop(img)).view(batch, steps, -1))
+        feats += [obs[k].float() for k in self.low_dim_keys]
+        return torch.cat(feats, dim=-1).flatten(1)

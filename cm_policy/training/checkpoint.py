@@ -1,0 +1,149 @@
+"""Checkpoints: safetensors weights + JSON/YAML state, written atomically, loaded without pickle.
+
+A checkpoint is a folder ``<run>/checkpoints/step_XXXXXXX`` holding
+
+- ``policy.json``: the policy spec (task shapes, horizon, model, method) that rebuilds the policy;
+- ``config.yaml``: the resolved training config (for resuming and for people);
+- ``ema.safetensors`` / ``model.safetensors``: EMA and raw policy weights with the normaliser;
+- ``optimizer.safetensors`` + ``trainer_state.json``: optimiser moments, step, LR schedule and
+  RNG states, so that resuming continues bit for bit.
+
+The folder is written under a temporary name and renamed into place, and ``checkpoints/latest``
+is replaced atomically afterwards, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cm_policy.policy import Policy
+
+REQUIRED_FILES = ("policy.json", "ema.safetensors", "model.safetensors")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimiser state into flat tensors and JSON-able param-group settings."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{idx}.{name}": value.detach().contiguous()
+        for idx, entry in state["state"].items()
+        for name, value in entry.items()
+    }
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    config_yaml: str,
+    policy: Policy,
+    ema_policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` and point ``latest`` at it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    (tmp / "policy.json").write_text(json.dumps(policy.spec, indent=2))
+    (tmp / "config.yaml").write_text(config_yaml)
+    save_file(policy.weights(), tmp / "model.safetensors")
+    save_file(ema_policy.weights(), tmp / "ema.safetensors")
+    opt_tensors, opt_meta = optimizer_to_safetensors(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({**trainer_state, "step": step, "optimizer": opt_meta}, indent=2)
+    )
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_text_atomic(root / "latest", final.name + "\n")
+    kept = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in kept[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder, a ``checkpoints`` folder or a run folder (uses ``latest``)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        latest = candidate / "latest"
+        if latest.is_file():
+            path = candidate / latest.read_text().strip()
+            break
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"{path} is not a cm-policy checkpoint: expected files {list(REQUIRED_FILES)}, "
+            f"missing {missing}"
+        )
+    return path
+
+
+def load_policy(path: str | Path, weights: str = "ema") -> Policy:
+    """Rebuild the policy of a checkpoint with its EMA (default) or raw weights."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    folder = resolve_checkpoint(path)
+    spec = json.loads((folder / "policy.json").read_text())
+    return Policy.from_weights(spec, load_file(folder / f"{weights}.safetensors"))
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    """Everything needed to resume: raw and EMA weights, optimiser, trainer state, RNG."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return {
+        "model": load_file(folder / "model.safetensors"),
+        "ema": load_file(folder / "ema.safetensors"),
+        "optimizer": optimizer_from_safetensors(
+            load_file(folder / "optimizer.safetensors"), state.pop("optimizer")
+        ),
+        "torch_rng": load_file(folder / "rng.safetensors")["torch"],
+        "trainer_state": state,
+    }
+
+
+def numpy_rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def numpy_rng_from_state(state: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng

@@ -1,0 +1,48 @@
+"""Learning-curve plots from a run's ``train_log.jsonl`` and evaluation history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def plot_learning_curves(run_dir: str | Path) -> Path:
+    """Raw loss terms, gradient norm, learning rate and eval scores -> learning_curves.png."""
+    run_dir = Path(run_dir)
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    evals = []
+    for metrics in sorted((run_dir / "eval").glob("step_*/metrics.json")):
+        m = json.loads(metrics.read_text())
+        evals.append((int(metrics.parent.name.split("_")[1]), m["mean_score"], m["success_rate"]))
+    steps = [r["step"] for r in log]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for key in ("loss_fm", "loss_sd", "loss"):
+        if key in log[0]:
+            axes[0].plot(steps, [r[key] for r in log], label=key)
+    axes[0].set_yscale("log")
+    axes[0].set_title("raw loss terms")
+    axes[0].legend()
+    axes[1].plot(steps, [r["grad_norm"] for r in log], color="tab:red")
+    axes[1].set_yscale("log")
+    axes[1].set_title("gradient norm (before clipping)")
+    axes[2].plot(steps, [r["lr"] for r in log], color="tab:gray")
+    axes[2].set_title("learning rate")
+    if evals:
+        es, score, success = zip(*evals, strict=True)
+        axes[3].plot(es, score, "o-", label="mean_score")
+        axes[3].plot(es, success, "s-", label="success rate")
+        axes[3].set_ylim(0, 1.02)
+        axes[3].legend()
+    axes[3].set_title("closed-loop eval (EMA)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = run_dir / "learning_curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

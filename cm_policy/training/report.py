@@ -1,0 +1,49 @@
+"""A Markdown report of a run: budget, wall time, closed-loop metrics, plots and videos."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+
+def write_report(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any]) -> Path:
+    log = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    wall = log[-1]["wall_s"] if log else float("nan")
+    eval_dir = run_dir / "eval_final"
+    videos = sorted(p.relative_to(run_dir) for p in (eval_dir / "videos").glob("*.mp4"))
+    lo, hi = metrics["mean_score_ci95"]
+    slo, shi = metrics["success_rate_ci95"]
+    lines = [
+        f"# {cfg.task.name} / {cfg.method.name}: run report",
+        "",
+        f"- Dataset: `{cfg.task.dataset_path}`",
+        f"- Training: {cfg.training.steps} steps at batch {cfg.training.batch_size}, "
+        f"model {list(cfg.model.down_dims)}, seed {cfg.seed}, wall time {wall / 60:.1f} min",
+        f"- Machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{torch.get_num_threads()} torch threads, no GPU",
+        "",
+        f"## Closed-loop evaluation (EMA weights, {metrics['steps']} network step(s) per chunk)",
+        "",
+        f"Test seeds {metrics['seeds'][0]}..{metrics['seeds'][1]} "
+        f"({metrics['n_episodes']} episodes, max {cfg.eval.max_steps} steps).",
+        "",
+        "| metric | value | 95% interval |",
+        "|---|---|---|",
+        f"| mean_score | {metrics['mean_score']:.3f} | [{lo:.3f}, {hi:.3f}] |",
+        f"| success rate | {metrics['success_rate']:.3f} | [{slo:.3f}, {shi:.3f}] |",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![evaluation summary](eval_final/summary.png)",
+        "",
+        "Videos: " + ", ".join(f"[{v.name}]({v})" for v in videos),
+        "",
+    ]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out

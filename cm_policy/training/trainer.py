@@ -1,0 +1,278 @@
+"""The training loop: one loop for every task and method (they differ only through config)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from cm_policy.data import LinearNormalizer, ReplayBuffer, SequenceSampler
+from cm_policy.data.sampler import downsample_mask, get_val_mask
+from cm_policy.evaluation.runner import evaluate
+from cm_policy.policy import Policy
+from cm_policy.tasks import dataset_keys, dataset_obs, env_factory
+from cm_policy.training.checkpoint import (
+    load_training_state,
+    numpy_rng_from_state,
+    numpy_rng_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+
+def policy_spec(cfg: DictConfig) -> dict[str, Any]:
+    """The part of a training config that defines the policy (saved with every checkpoint)."""
+    spec = OmegaConf.to_container(
+        OmegaConf.create(
+            {
+                "task": cfg.task,
+                "horizon": cfg.horizon,
+                "n_obs_steps": cfg.n_obs_steps,
+                "n_action_steps": cfg.n_action_steps,
+                "model": cfg.model,
+                "method": cfg.method,
+            }
+        ),
+        resolve=True,
+    )
+    assert isinstance(spec, dict)
+    return spec
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay(step: int, power: float, max_decay: float) -> float:
+    """Diffusion Policy's EMA warm-up: the decay grows as 1 - (1 + step)^-power."""
+    return min(max_decay, max(0.0, 1.0 - (1.0 + step) ** -power))
+
+
+class TrainingData:
+    """The dataset in RAM, its episode split, and a sampler over training windows."""
+
+    def __init__(self, cfg: DictConfig):
+        path = Path(cfg.task.dataset_path)
+        buffer = ReplayBuffer.load(path, keys=dataset_keys(cfg.task))
+        self.arrays = dataset_obs(cfg.task, {k: buffer[k] for k in buffer.keys})
+        self.arrays["action"] = np.asarray(buffer["action"], dtype=np.float32)
+        self.n_episodes = buffer.n_episodes
+        val_mask = get_val_mask(buffer.n_episodes, cfg.training.val_ratio, cfg.seed)
+        train_mask = ~val_mask
+        if cfg.training.max_train_episodes:
+            train_mask = downsample_mask(train_mask, cfg.training.max_train_episodes, cfg.seed)
+        self.n_train_episodes = int(train_mask.sum())
+        self.sampler = SequenceSampler(
+            buffer.episode_ends,
+            sequence_length=cfg.horizon,
+            pad_before=cfg.n_obs_steps - 1,
+            pad_after=cfg.n_action_steps - 1,
+            episode_mask=train_mask,
+        )
+        if len(self.sampler) == 0:
+            raise ValueError(f"{path}: no training windows (all episodes held out?)")
+        starts = np.concatenate([[0], buffer.episode_ends[:-1]])
+        rows = np.concatenate(
+            [
+                np.arange(s, e)
+                for s, e, m in zip(starts, buffer.episode_ends, train_mask, strict=True)
+                if m
+            ]
+        )
+        self.fit_arrays = {k: v[rows] for k, v in self.arrays.items()}
+
+    def batch(self, rng: np.random.Generator, size: int, n_obs_steps: int):
+        idx = rng.integers(0, len(self.sampler), size=size)
+        window = self.sampler.sample_batch(self.arrays, idx)
+        action = torch.from_numpy(window.pop("action"))
+        obs = {k: torch.from_numpy(v[:, :n_obs_steps]) for k, v in window.items()}
+        return obs, action
+
+
+def fit_normalizer(cfg: DictConfig, data: TrainingData) -> LinearNormalizer:
+    normalizer = LinearNormalizer()
+    low_dim = {k: data.fit_arrays[k] for k in cfg.task.low_dim}
+    normalizer.fit({"action": data.fit_arrays["action"], **low_dim}, mode="limits")
+    return normalizer
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train a policy as ``cfg`` says; returns the run folder."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(cfg.training.num_threads))
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    tc = cfg.training
+
+    data = TrainingData(cfg)
+    spec = policy_spec(cfg)
+    policy = Policy(spec, fit_normalizer(cfg, data))
+    ema = copy.deepcopy(policy).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps)
+    )
+    start_step, history = 0, []
+    if cfg.resume:
+        folder = resolve_checkpoint(cfg.resume)
+        state = load_training_state(folder)
+        policy.load_state_dict(_strip_normalizer(state["model"]))
+        ema.load_state_dict(_strip_normalizer(state["ema"]))
+        policy.normalizer = LinearNormalizer.from_state_dict(_normalizer_part(state["model"]))
+        ema.normalizer = policy.normalizer
+        optimizer.load_state_dict(state["optimizer"])
+        ts = state["trainer_state"]
+        start_step = int(ts["step"])
+        scheduler.load_state_dict(ts["scheduler"])
+        rng = numpy_rng_from_state(ts["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = ts.get("history", [])
+
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    log_path = run_dir / "train_log.jsonl"
+    if log_path.exists():
+        # Keep the log consistent with the checkpoint: drop lines written after it.
+        lines = log_path.read_text().splitlines()
+        kept = [x for x in lines if json.loads(x)["step"] <= start_step]
+        log_path.write_text("".join(x + "\n" for x in kept))
+    params = [p for p in policy.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    n_params = sum(p.numel() for p in params)
+    print(
+        f"training {cfg.method.name} on {cfg.task.name}: {data.n_train_episodes}/{data.n_episodes} "
+        f"episodes, {len(data.sampler)} windows, {n_params / 1e6:.2f}M params, "
+        f"{tc.steps} steps at batch {tc.batch_size} -> {run_dir}"
+    )
+
+    def save(step: int) -> Path:
+        return save_checkpoint(
+            run_dir,
+            step,
+            config_yaml=config_yaml,
+            policy=policy,
+            ema_policy=ema,
+            optimizer=optimizer,
+            trainer_state={
+                "scheduler": scheduler.state_dict(),
+                "numpy_rng": numpy_rng_state(rng),
+                "history": history,
+            },
+        )
+
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="train")
+    policy.train()
+    for step in bar:
+        obs, action = data.batch(rng, tc.batch_size, cfg.n_obs_steps)
+        loss, logs = policy.compute_loss(obs, action)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        ).item()
+        n_bad = 0
+        if not math.isfinite(grad_norm):
+            # METHOD.md: non-finite gradient entries are zeroed, and the fraction is logged.
+            for g in grads:
+                bad = ~torch.isfinite(g)
+                n_bad += int(bad.sum())
+                g[bad] = 0.0
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        decay = ema_decay(step, tc.ema_power, tc.ema_max_decay)
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            record = {
+                "step": done,
+                "loss": loss.item(),
+                **{k: v.item() for k, v in logs.items()},
+                "grad_norm": grad_norm,
+                "nonfinite_grad_frac": n_bad / n_params,
+                "lr": scheduler.get_last_lr()[0],
+                "wall_s": time.perf_counter() - started,
+            }
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(f"train/{key}", value, done)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{grad_norm:.3g}")
+        if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+            metrics = run_eval(cfg, ema, run_dir / "eval" / f"step_{done:07d}", n_videos=0)
+            history.append({"step": done, **metrics})
+            for key in ("mean_score", "success_rate"):
+                writer.add_scalar(f"eval/{key}", metrics[key], done)
+            bar.write(
+                f"step {done}: mean_score {metrics['mean_score']:.3f} "
+                f"success {metrics['success_rate']:.2f} ({metrics['n_episodes']} episodes)"
+            )
+            policy.train()
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            save(done)
+        if tc.stop_after and done >= tc.stop_after:
+            if done % tc.checkpoint_every:
+                save(done)
+            break
+    writer.close()
+    from cm_policy.training.plots import plot_learning_curves
+
+    plot_learning_curves(run_dir)
+    return run_dir
+
+
+def run_eval(
+    cfg: DictConfig, policy: Policy, out_dir: Path, n_videos: int | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Closed-loop evaluation of ``policy`` on the config's test seeds."""
+    ec = cfg.eval
+    n = int(overrides.get("n_episodes", ec.n_episodes))
+    steps = int(overrides.get("steps", ec.steps))
+    seeds = list(range(int(ec.start_seed), int(ec.start_seed) + n))
+    policy.eval()
+    return evaluate(
+        policy,
+        env_factory(OmegaConf.to_container(cfg.task, resolve=True)),
+        seeds,
+        out_dir,
+        n_obs_steps=cfg.n_obs_steps,
+        n_action_steps=cfg.n_action_steps,
+        max_steps=int(ec.max_steps),
+        n_envs=int(ec.n_envs),
+        n_videos=int(ec.n_videos if n_videos is None else n_videos),
+        progress=bool(ec.progress),
+        predict_kwargs={"steps": steps},
+        extra={"steps": steps},
+    )
+
+
+def _strip_normalizer(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in weights.items() if not k.startswith("normalizer.")}
+
+
+def _normalizer_part(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("normalizer.") :]: v for k, v in weights.items() if k.startswith("normalizer.")}

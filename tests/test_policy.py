@@ -1,0 +1,136 @@
+"""The network, iSD, the policy and its checkpoints."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cm_policy.data import LinearNormalizer
+from cm_policy.methods.isd import ISD
+from cm_policy.models.unet import ConditionalUnet1D
+from cm_policy.policy import Policy
+from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
+
+SPEC = {
+    "task": {"action_dim": 2, "low_dim": {"keypoints": 20}, "image_keys": []},
+    "horizon": 16,
+    "n_obs_steps": 2,
+    "n_action_steps": 8,
+    "model": {"down_dims": [16, 32], "kernel_size": 3, "n_groups": 4, "time_embed_dim": 16},
+    "method": {"name": "isd"},
+}
+
+
+def make_policy(seed: int = 0) -> Policy:
+    torch.manual_seed(seed)
+    norm = LinearNormalizer()
+    norm.fit(
+        {
+            "action": np.random.default_rng(0).uniform(50, 450, (100, 2)),
+            "keypoints": np.random.default_rng(1).uniform(0, 512, (100, 20)),
+        }
+    )
+    return Policy(SPEC, norm)
+
+
+def test_unet_output_shape_and_s_branch_starts_at_zero():
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(2, 10, down_dims=(16, 32, 64), kernel_size=3, n_groups=4)
+    x, cond = torch.randn(3, 16, 2), torch.randn(3, 10)
+    t = torch.rand(3)
+    out = net(x, t, torch.zeros(3), cond)
+    assert out.shape == (3, 16, 2)
+    # The zero-initialised s branch makes the untrained network independent of s.
+    torch.testing.assert_close(out, net(x, t, torch.rand(3), cond))
+
+
+def test_jvp_and_finite_difference_derivatives_agree():
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(2, 6, down_dims=(8, 16), kernel_size=3, n_groups=4).double()
+    for p in net.s_embed[-1].parameters():  # make the s dependence non-trivial
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(4, 16, 2, dtype=torch.float64)
+    t = torch.rand(4, dtype=torch.float64) * 0.8 + 0.1
+    s = t * 0.3
+    cond = torch.randn(4, 6, dtype=torch.float64)
+    v = torch.randn_like(x)
+    fd = ISD("finite_difference", fd_eps=1e-4).time_derivative(net, x, t, s, cond, v)
+    jvp = ISD("jvp").time_derivative(net, x, t, s, cond, v)
+    assert jvp.abs().max() > 1e-3
+    torch.testing.assert_close(fd, jvp, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
+def test_isd_loss_finite_and_decreases(derivative: str):
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(2, 4, down_dims=(16, 32), kernel_size=3, n_groups=4)
+    method = ISD(derivative)
+    # A trivial dataset: the action chunk is a fixed function of the condition.
+    cond = torch.randn(64, 4)
+    actions = torch.tanh(cond[:, :2]).unsqueeze(1).expand(64, 16, 2).contiguous()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    fm = []
+    for _ in range(60):
+        loss, logs = method.loss(net, actions, cond)
+        assert torch.isfinite(loss) and torch.isfinite(logs["loss_sd"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        fm.append(logs["loss_fm"].item())
+    assert np.mean(fm[-10:]) < 0.6 * np.mean(fm[:10])
+
+
+def test_one_step_sampling_shape_and_range():
+    policy = make_policy()
+    out = policy.method.sample(policy.net, torch.randn(5, 40), (5, 16, 2), steps=1)
+    assert out.shape == (5, 16, 2)
+    assert out.min() >= -1 and out.max() <= 1
+    obs = {"keypoints": np.random.default_rng(0).uniform(0, 512, (3, 2, 20)).astype(np.float32)}
+    action = policy.predict_action(obs)
+    assert action.shape == (3, 8, 2)
+    assert np.all(action >= 50 - 1e-3) and np.all(action <= 450 + 1e-3)
+    two = policy.predict_action(obs, steps=2)
+    assert two.shape == (3, 8, 2)
+
+
+def test_predict_action_rejects_bad_observations():
+    policy = make_policy()
+    with pytest.raises(ValueError, match="missing keys"):
+        policy.predict_action({"state": np.zeros((1, 2, 5))})
+    with pytest.raises(ValueError, match=r"shape \(batch, >=2, 20\)"):
+        policy.predict_action({"keypoints": np.zeros((1, 2, 18))})
+
+
+def test_save_load_gives_identical_actions(tmp_path: Path):
+    from cm_policy.training.checkpoint import save_checkpoint
+
+    policy = make_policy()
+    ema = copy.deepcopy(policy)
+    opt = torch.optim.AdamW(policy.parameters())
+    folder = save_checkpoint(
+        tmp_path,
+        7,
+        config_yaml="{}",
+        policy=policy,
+        ema_policy=ema,
+        optimizer=opt,
+        trainer_state={},
+    )
+    assert resolve_checkpoint(tmp_path) == folder
+    loaded = load_policy(tmp_path)
+    obs = {"keypoints": np.random.default_rng(0).uniform(0, 512, (4, 2, 20)).astype(np.float32)}
+    a = policy.eval().predict_action(obs, generator=torch.Generator().manual_seed(3))
+    b = loaded.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(a, b)
+    # Loading never unpickles: every file of a checkpoint is safetensors, JSON or YAML.
+    assert {p.suffix for p in folder.iterdir()} <= {".safetensors", ".json", ".yaml"}
+
+
+def test_bad_checkpoint_gives_clear_error(tmp_path: Path):
+    (tmp_path / "policy.json").write_text("{}")
+    with pytest.raises(ValueError, match="missing"):
+        load_policy(tmp_path)
