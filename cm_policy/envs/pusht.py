@@ -208,9 +208,12 @@ class PushTEnv(gym.Env):
         return np.array([a.x, a.y, b.x, b.y, self.block.angular_velocity], dtype=np.float64)
 
     def set_state(self, state: np.ndarray, velocities: np.ndarray | None = None) -> None:
-        """Place the env exactly at ``state`` (read-back error 0), without a physics step.
+        """Place the env exactly at ``state`` (read-back error < 1e-13), without a physics step.
 
         pymunk rotates a body about its centre of gravity, so the angle is set before the position.
+        The moved shapes are deliberately not reindexed, as in the reference: reindexing changes
+        the order in which Chipmunk solves simultaneous contacts, and with it the replay of the
+        recorded episodes (eval/results/pusht_fidelity.md).
         """
         state = np.asarray(state, dtype=np.float64)
         if state.shape != (5,) or not np.all(np.isfinite(state)):
@@ -224,8 +227,6 @@ class PushTEnv(gym.Env):
             self.agent.velocity = (v[0], v[1])
             self.block.velocity = (v[2], v[3])
             self.block.angular_velocity = v[4]
-        self.space.reindex_shapes_for_body(self.block)
-        self.space.reindex_shapes_for_body(self.agent)
 
     def _set_state_legacy(self, state: np.ndarray) -> None:
         """The reference's seeded-reset setter: position, then angle, then one physics step."""

@@ -96,9 +96,10 @@ class TrainingData:
 
     def batch(self, rng: np.random.Generator, size: int, n_obs_steps: int):
         idx = rng.integers(0, len(self.sampler), size=size)
-        window = self.sampler.sample_batch(self.arrays, idx)
+        first_k = {k: n_obs_steps for k in self.arrays if k != "action"}
+        window = self.sampler.sample_batch(self.arrays, idx, first_k=first_k)
         action = torch.from_numpy(window.pop("action"))
-        obs = {k: torch.from_numpy(v[:, :n_obs_steps]) for k, v in window.items()}
+        obs = {k: torch.from_numpy(v) for k, v in window.items()}
         return obs, action
 
 
