@@ -20,12 +20,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import matplotlib.pyplot as plt
+from omegaconf import OmegaConf
 
-from cm_policy.evaluation.runner import evaluate  # noqa: E402
-from cm_policy.tasks import env_factory  # noqa: E402
-from cm_policy.training.checkpoint import load_policy, resolve_checkpoint  # noqa: E402
+from cm_policy.evaluation.runner import evaluate
+from cm_policy.tasks import env_factory
+from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
 TEST_START = 100000
 

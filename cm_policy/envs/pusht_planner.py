@@ -1,11 +1,12 @@
 """Offline PushT demonstrations from a greedy push planner with simulated lookahead.
 
-At every macro step the planner considers pushes of the T at points of its outline, ranks them
-with a first-order (impulse) model of frictionless quasi-static pushing, simulates the most
-promising ones in a scratch :class:`PushTEnv`, and executes the best as one smooth stroke in the
-real env: travel around the block to the contact, then push. It replans from the real state after
-every stroke, so the small differences between the scratch and the real simulation do not add up.
-Speeds, clearances and tie-breaking are drawn per episode, so the demonstrations vary.
+Each stroke of the planner is a travel around the block to a contact point, then a push. To pick
+one, it ranks pushes at points of the T's outline with a first-order (impulse) model of
+frictionless quasi-static pushing, simulates the most promising ones from a teleported start in a
+scratch :class:`PushTEnv`, re-simulates the best few as whole strokes from the exact real state
+(tuning the push depth there), and executes the best in the real env. It replans after every
+stroke, so what the scratch simulation misses does not add up. Speeds, clearances and
+tie-breaking are drawn per episode, so the demonstrations vary.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ PUSH_ANGLES = np.deg2rad([-25.0, 0.0, 25.0])  # push direction offsets from the 
 # First-order ranking: angle error is weighted like the displacement of a point this far from the
 # centre of gravity (about the T's mean vertex radius), so rotation and translation trade off.
 ANGLE_WEIGHT = 55.0  # px per rad
+# The pose error adds this much per rad of angle error to the outline distance, which alone goes
+# flat when the T is upside down (a greedy planner would then stall there) and undervalues how
+# much pushing a rotation takes.
+ANGLE_SLOPE = 30.0  # px per rad
 N_SIMULATED = 24  # candidate pushes simulated per stroke (the rest are pruned by the model)
 N_VERIFIED = 3  # best simulated pushes re-simulated as whole strokes from the real state
 PUSH_OVERSHOOT = 1.6  # simulate pushes longer than the model's optimum; prefixes cover shorter
@@ -118,13 +123,15 @@ def _outline_at(block_pose: np.ndarray) -> np.ndarray:
 
 
 def pose_error(block_pose: np.ndarray) -> float:
-    """Mean distance (px) of the T's outline vertices from where they are at the goal."""
-    return float(np.linalg.norm(_outline_at(block_pose) - GOAL_VERTICES, axis=1).mean())
+    """Mean distance (px) of the T's outline vertices from where they are at the goal, plus a
+    term linear in the angle error (see ``ANGLE_SLOPE``)."""
+    vertex_error = np.linalg.norm(_outline_at(block_pose) - GOAL_VERTICES, axis=1).mean()
+    return float(vertex_error + ANGLE_SLOPE * abs(_wrap(float(block_pose[2]) - GOAL[2])))
 
 
 def _contact_points() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block-frame contact points, outward normals, and whether each is a convex corner."""
-    tee = tee_geometry(0.0, 0.0, 0.0)
+    tee = sg.Polygon(OUTLINE)
     points, normals, corners = [], [], []
     n_vertices = len(OUTLINE)
     for i in range(n_vertices):
