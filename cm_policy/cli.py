@@ -135,6 +135,7 @@ def cmd_eval(args: list[str]) -> dict:
 def cmd_run(args: list[str]) -> Path:
     from cm_policy.data.pusht_demos import generate_pusht_dataset
     from cm_policy.training.checkpoint import load_policy
+    from cm_policy.training.plots import plot_learning_curves
     from cm_policy.training.report import write_report
     from cm_policy.training.trainer import run_eval, train
 
@@ -152,6 +153,7 @@ def cmd_run(args: list[str]) -> Path:
     run_dir = train(cfg)
     policy = load_policy(run_dir, weights="ema")
     metrics = run_eval(cfg, policy, run_dir / "eval_final")
+    plot_learning_curves(run_dir)
     report = write_report(run_dir, cfg, metrics)
     print(json.dumps(metrics, indent=2))
     print(f"report: {report}")

@@ -104,3 +104,32 @@ def test_image_task_trains_and_evaluates(tiny_pusht: Path, tmp_path: Path):
 def test_missing_dataset_is_a_clear_error(tmp_path: Path):
     with pytest.raises(DatasetError, match="path does not exist"):
         train(tiny_cfg(tmp_path / "nope.zarr", tmp_path / "x", "training.steps=1"))
+
+
+def test_run_job_end_to_end_on_generated_demos(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """The quick-start job at a toy budget: plan demos -> train -> evaluate -> report."""
+    dataset = tmp_path / "demos.zarr"
+    run = tmp_path / "run"
+    main(
+        [
+            "run",
+            *TINY,
+            f"task.dataset_path={dataset}",
+            f"output_dir={run}",
+            "demos.n_episodes=2",
+            "demos.workers=1",
+            "training.steps=3",
+            "training.checkpoint_every=3",
+            "training.val_ratio=0",
+        ]
+    )
+    stats = json.loads((dataset / "generation.json").read_text())
+    assert stats["n_episodes"] == 2 and stats["attempt_success_rate"] > 0
+    report = (run / "report.md").read_text()
+    assert "mean_score" in report and "learning_curves.png" in report
+    metrics = json.loads((run / "eval_final" / "metrics.json").read_text())
+    assert metrics["n_episodes"] == 2
+    assert len(list((run / "eval_final" / "videos").glob("*.mp4"))) == 1
+    main(["data", "info", str(dataset)])
+    info = capsys.readouterr().out
+    assert "episodes:  2" in info and "data/keypoint" in info

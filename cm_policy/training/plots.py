@@ -20,6 +20,10 @@ def plot_learning_curves(run_dir: str | Path) -> Path:
         m = json.loads(metrics.read_text())
         evals.append((int(metrics.parent.name.split("_")[1]), m["mean_score"], m["success_rate"]))
     steps = [r["step"] for r in log]
+    final = run_dir / "eval_final" / "metrics.json"
+    if final.exists() and not any(e[0] == steps[-1] for e in evals):
+        m = json.loads(final.read_text())
+        evals.append((steps[-1], m["mean_score"], m["success_rate"]))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for key in ("loss_fm", "loss_sd", "loss"):
         if key in log[0]:
