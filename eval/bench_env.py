@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from cm_policy.evaluation.machine import describe_machine
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = REPO_ROOT.parent / "shared/data/pusht/pusht_cchi_v7_replay.zarr"
 DEFAULT_VENV = Path("/tmp/cm_policy_bench/gym_pusht_venv")
@@ -60,18 +62,6 @@ for i in range(n):
 elapsed = time.perf_counter() - start
 print(json.dumps({"steps_per_s": n / elapsed, "pymunk": pymunk.version}))
 """
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
 
 
 def ensure_reference_venv(venv: Path) -> Path:
@@ -193,7 +183,7 @@ def main() -> None:
         cmd,
         "```",
         "",
-        f"- Machine: {machine()}; load average before the run "
+        f"- Machine: {describe_machine()}; load average before the run "
         f"{' / '.join(f'{x:.2f}' for x in load_before)} (1 / 5 / 15 min; other jobs share the "
         "machine, so compare the two implementations only within this run).",
         f"- Ours: cm_policy PushTEnv, pymunk {versions['ours']['pymunk']}, Python "

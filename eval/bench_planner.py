@@ -9,7 +9,6 @@ Attempts episodes on seeds ``--seed``, ``--seed + 1``, ... without images and wr
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shlex
 import sys
@@ -19,21 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from cm_policy.envs.pusht_planner import generate
+from cm_policy.evaluation.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results" / "pusht_planner.md"
-
-
-def cpu_name() -> str:
-    """The processor's name (``platform.processor`` is empty on many Linux systems)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if platform.processor() or not cpuinfo.exists():
-        return platform.processor() or "unknown"
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in cpuinfo.read_text().splitlines()
-        if line.startswith("model name")
-    ]
-    return names[0] if names else "unknown"
 
 
 def main() -> None:
@@ -53,7 +40,6 @@ def main() -> None:
     kept = lengths[success]
     coverage = np.array([e.max_coverage for e in episodes])
     failed = [e.seed for e in episodes if not e.success]
-    n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = shlex.join(["python", "eval/bench_planner.py", *sys.argv[1:]])
     report = f"""# PushT demonstration planner
 
@@ -64,10 +50,8 @@ percent of the planning time).
 
 Command: `{command}`
 
-Machine:
-- {n_cores} cores (`nproc`), processor `{cpu_name()}`
-- {platform.platform()}, Python {platform.python_version()}
-- {args.workers} worker process(es)
+Machine: {describe_machine()}, Python {platform.python_version()}; {args.workers} worker
+process(es).
 
 | metric | value |
 |---|---|

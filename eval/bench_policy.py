@@ -10,8 +10,6 @@ Usage: python eval/bench_policy.py [--model unet_cpu] [--out eval/results/bench_
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 from cm_policy.cli import compose
 from cm_policy.data import LinearNormalizer
+from cm_policy.evaluation.machine import describe_machine
 from cm_policy.methods.isd import ISD
 from cm_policy.policy import Policy
 from cm_policy.training.trainer import policy_spec
@@ -96,8 +95,8 @@ def main() -> None:
         f"Command: `python eval/bench_policy.py --model {args.model} --task {args.task} "
         f"--threads {args.threads} --batch {batch}`",
         "",
-        f"Machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, "
-        f"{args.threads} torch threads, no GPU; torch {torch.__version__}. "
+        f"Machine: {describe_machine()}, {args.threads} torch threads, no GPU; "
+        f"torch {torch.__version__}. "
         f"Network: model `{args.model}` ({n_params / 1e6:.2f}M parameters), task `{args.task}`, "
         f"horizon {cfg.horizon}. Medians of 200 (1 step, bare forward), 10 (100 steps) and 8 "
         "(training steps) timed repeats after warm-up.",

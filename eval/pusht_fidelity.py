@@ -32,6 +32,8 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from cm_policy.evaluation.machine import describe_machine
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = REPO_ROOT.parent / "shared/data/pusht/pusht_cchi_v7_replay.zarr"
 N_IMAGE_SAMPLES = 1000
@@ -365,18 +367,6 @@ def agent_overlaps_block(pusht: ModuleType, state: np.ndarray) -> bool:
     return bool(tee.distance(sg.Point(state[0], state[1])) < pusht.AGENT_RADIUS)
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
-
-
 def fmt_pct(p: dict[str, float], digits: int = 3, sep: str = " | ") -> str:
     return sep.join(f"{p[k]:.{digits}f}" for k in ("p50", "p90", "p99", "max"))
 
@@ -473,7 +463,8 @@ def write_report(args, pusht, data, cov, phys, image, pm6, timings) -> str:
         cmd,
         "```",
         "",
-        f"- Machine: {machine()}; Python {platform.python_version()}, pymunk {pymunk.version} "
+        f"- Machine: {describe_machine()}; Python {platform.python_version()}, "
+        f"pymunk {pymunk.version} "
         f"(Chipmunk {pymunk.chipmunk_version.split('-')[0]}), numpy {np.__version__}.",
         f"- Dataset: `{os.path.relpath(args.dataset, REPO_ROOT)}`: {n_ep} episodes, "
         f"{len(data['state'])} steps, {n_tr} within-episode transitions.",

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
+from cm_policy.evaluation.machine import describe_machine
 from cm_policy.evaluation.runner import evaluate
 from cm_policy.tasks import env_factory
 from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
@@ -71,8 +70,8 @@ def main() -> None:
         f"Command: `python eval/pusht_isd.py {' '.join('--run ' + r for r in args.run)} "
         f"--n-envs {args.n_envs}`",
         "",
-        f"Machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} CPU cores, "
-        "no GPU. Policies: EMA weights of the last checkpoint. mean_score = mean over episodes "
+        f"Machine: {describe_machine()}, no GPU."
+        " Policies: EMA weights of the last checkpoint. mean_score = mean over episodes "
         "of the episode's max reward clip(coverage / 0.95); success = coverage > 0.95 at some "
         "step; 300 env steps, n_obs_steps 2, n_action_steps 8, horizon 16. Intervals are 95% "
         "(normal for mean_score, Wilson for success).",

@@ -1,0 +1,20 @@
+"""A one-line description of the machine, for every reported figure."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def describe_machine() -> str:
+    """CPU model, core count and OS, e.g. 'Intel(R) Xeon(R) Processor, 2 CPU cores, Linux 6.1'."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
