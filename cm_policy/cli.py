@@ -105,27 +105,24 @@ def cmd_eval(args: list[str]) -> dict:
     )
     if "checkpoint" not in opts:
         raise SystemExit("error: cm-policy eval needs checkpoint=PATH")
-    from cm_policy.evaluation.runner import evaluate
-    from cm_policy.tasks import env_factory
+    from cm_policy.evaluation.runner import evaluate_policy
     from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
     folder = resolve_checkpoint(opts["checkpoint"])
-    policy = load_policy(folder, weights=opts.get("weights", "ema"))
+    weights = opts.get("weights", "ema")
+    policy = load_policy(folder, weights=weights)
     steps = opts.get("steps", policy.method.default_steps)
     start, n = opts.get("start_seed", 100000), opts.get("n_episodes", 50)
     out = Path(opts.get("out", folder.parent.parent / "eval" / f"{folder.name}_steps{steps}"))
-    metrics = evaluate(
+    metrics = evaluate_policy(
         policy,
-        env_factory(policy.spec["task"]),
         list(range(start, start + n)),
         out,
-        n_obs_steps=policy.n_obs_steps,
-        n_action_steps=policy.n_action_steps,
+        steps=steps,
         max_steps=opts.get("max_steps", 300),
         n_envs=opts.get("n_envs", 2),
         n_videos=opts.get("n_videos", 4),
-        predict_kwargs={"steps": steps},
-        extra={"steps": steps, "checkpoint": str(folder), "weights": opts.get("weights", "ema")},
+        extra={"checkpoint": str(folder), "weights": weights},
     )
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}/metrics.json, episodes.json, summary.png and videos/")

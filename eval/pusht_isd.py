@@ -22,8 +22,7 @@ import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
 from cm_policy.evaluation.machine import describe_machine
-from cm_policy.evaluation.runner import evaluate
-from cm_policy.tasks import env_factory
+from cm_policy.evaluation.runner import evaluate_policy
 from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
 TEST_START = 100000
@@ -39,17 +38,13 @@ def evaluate_run(run: Path, n_envs: int) -> list[dict]:
             if metrics_file.exists():  # resumable: a finished evaluation is not redone
                 metrics = json.loads(metrics_file.read_text())
             else:
-                metrics = evaluate(
+                metrics = evaluate_policy(
                     policy,
-                    env_factory(policy.spec["task"]),
                     list(range(TEST_START, TEST_START + n_episodes)),
                     out,
-                    n_obs_steps=policy.n_obs_steps,
-                    n_action_steps=policy.n_action_steps,
+                    steps=steps,
                     n_envs=n_envs,
                     n_videos=2 if n_episodes == 50 else 0,
-                    predict_kwargs={"steps": steps},
-                    extra={"steps": steps},
                 )
             rows.append({"n_episodes": n_episodes, "steps": steps, **metrics})
     return rows

@@ -210,3 +210,31 @@ def evaluate(
     (out / "episodes.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     plot_summary(results, metrics, out / "summary.png")
     return metrics
+
+
+def evaluate_policy(
+    policy: Any,
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    steps: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+    **run_kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate` a :class:`~cm_policy.policy.Policy` on the task of its spec, with its own
+    observation window and action steps, at ``steps`` network evaluations per chunk."""
+    from cm_policy.tasks import env_factory
+
+    steps = steps or policy.method.default_steps
+    policy.eval()
+    return evaluate(
+        policy,
+        env_factory(policy.spec["task"]),
+        seeds,
+        out_dir,
+        n_obs_steps=policy.n_obs_steps,
+        n_action_steps=policy.n_action_steps,
+        predict_kwargs={"steps": steps},
+        extra={"steps": steps, **(extra or {})},
+        **run_kwargs,
+    )

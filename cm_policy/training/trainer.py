@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from cm_policy.data import LinearNormalizer, ReplayBuffer, SequenceSampler
 from cm_policy.data.sampler import downsample_mask, get_val_mask
-from cm_policy.evaluation.runner import evaluate
+from cm_policy.evaluation.runner import evaluate_policy
 from cm_policy.policy import Policy
-from cm_policy.tasks import dataset_keys, dataset_obs, env_factory
+from cm_policy.tasks import dataset_keys, dataset_obs
 from cm_policy.training.checkpoint import (
     load_training_state,
     numpy_rng_from_state,
@@ -254,20 +254,15 @@ def run_eval(
     n = int(overrides.get("n_episodes", ec.n_episodes))
     steps = int(overrides.get("steps", ec.steps))
     seeds = list(range(int(ec.start_seed), int(ec.start_seed) + n))
-    policy.eval()
-    return evaluate(
+    return evaluate_policy(
         policy,
-        env_factory(OmegaConf.to_container(cfg.task, resolve=True)),
         seeds,
         out_dir,
-        n_obs_steps=cfg.n_obs_steps,
-        n_action_steps=cfg.n_action_steps,
+        steps=steps,
         max_steps=int(ec.max_steps),
         n_envs=int(ec.n_envs),
         n_videos=int(ec.n_videos if n_videos is None else n_videos),
         progress=bool(ec.progress),
-        predict_kwargs={"steps": steps},
-        extra={"steps": steps},
     )
 
 
