@@ -24,6 +24,8 @@ commands:
   eval checkpoint=PATH [steps=1 n_episodes=50 start_seed=100000 n_envs=2 n_videos=4 out=DIR]
                                       closed-loop evaluation of a checkpoint on the test seeds
   run [key=value ...]                 the end-to-end job: demos -> train -> eval -> report
+  serve checkpoint=PATH [host=127.0.0.1 port=8765 max_batch=64 batch_wait_ms=2 threads=1]
+                                      serve a checkpoint as a WebSocket action server
 """
 
 
@@ -157,17 +159,69 @@ def cmd_run(args: list[str]) -> Path:
     return run_dir
 
 
+def cmd_serve(args: list[str]) -> None:
+    opts = parse_pairs(
+        args,
+        {
+            "checkpoint": str,
+            "host": str,
+            "port": int,
+            "max_batch": int,
+            "batch_wait_ms": float,
+            "threads": int,
+            "max_steps": int,
+            "max_message_mb": float,
+            "weights": str,
+        },
+    )
+    if "checkpoint" not in opts:
+        raise SystemExit("error: cm-policy serve needs checkpoint=PATH")
+    from cm_policy.serve import server
+    from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
+
+    folder = resolve_checkpoint(opts["checkpoint"])
+    policy = load_policy(folder, weights=opts.get("weights", "ema"))
+
+    def announce(host: str, port: int) -> None:
+        print(
+            f"serving {folder} ({policy.method.name}, {policy.method.default_steps} step(s)) on "
+            f"ws://{host}:{port}, health at http://{host}:{port}{server.HEALTH_PATH}",
+            flush=True,
+        )
+
+    server.run_server(
+        policy,
+        host=opts.get("host", server.DEFAULT_HOST),
+        port=opts.get("port", server.DEFAULT_PORT),
+        threads=opts.get("threads", 1),
+        on_ready=announce,
+        max_batch=opts.get("max_batch", server.DEFAULT_MAX_BATCH),
+        batch_wait_ms=opts.get("batch_wait_ms", server.DEFAULT_BATCH_WAIT_MS),
+        max_steps=opts.get("max_steps", server.DEFAULT_MAX_STEPS),
+        max_message_bytes=int(
+            opts.get("max_message_mb", server.DEFAULT_MAX_MESSAGE_BYTES / 2**20) * 2**20
+        ),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="cm-policy", usage=USAGE, add_help=True)
-    parser.add_argument("command", choices=["data", "train", "eval", "run"])
+    parser.add_argument("command", choices=["data", "train", "eval", "run", "serve"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return
     command, rest = argv[0], argv[1:]
     parser.parse_args([command])
-    {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "run": cmd_run}[command](rest)
+    commands = {
+        "data": cmd_data,
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "run": cmd_run,
+        "serve": cmd_serve,
+    }
+    commands[command](rest)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,13 @@ class EpisodeResult:
     video: str | None = None
 
 
-def _stack_obs(obs: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
+def stack_obs(obs: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
+    """A history window (B, steps, ...) filled with the first observation (B, ...)."""
     return {k: np.repeat(np.asarray(v)[:, None], steps, axis=1) for k, v in obs.items()}
 
 
-def _push_obs(history: dict[str, np.ndarray], obs: Mapping[str, np.ndarray]) -> None:
+def push_obs(history: dict[str, np.ndarray], obs: Mapping[str, np.ndarray]) -> None:
+    """Shift the history windows by one step and append ``obs`` in place."""
     for k, window in history.items():
         window[:, :-1] = window[:, 1:]
         window[:, -1] = obs[k]
@@ -87,7 +89,7 @@ def run_episodes(
             # Unused envs of a short last wave run a copy of the wave's first seed.
             padded = wave + [wave[0]] * (n_envs - len(wave))
             obs, _ = envs.reset(seed=padded)
-            history = _stack_obs(obs, n_obs_steps)
+            history = stack_obs(obs, n_obs_steps)
             active = np.zeros(n_envs, dtype=bool)
             active[: len(wave)] = True
             max_reward = np.zeros(n_envs)
@@ -115,7 +117,7 @@ def run_episodes(
                     max_reward = np.where(active, np.maximum(max_reward, reward), max_reward)
                     success |= active & np.asarray(info.get("is_success", terminated), dtype=bool)
                     n_steps += active
-                    _push_obs(history, obs)
+                    push_obs(history, obs)
                     if any(filmed[i] and active[i] for i in range(n_envs)):
                         for i, frame in enumerate(envs.call("render")):
                             if filmed[i] and active[i]:

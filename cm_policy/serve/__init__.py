@@ -1,0 +1,49 @@
+"""Serve a checkpoint as an action server: WebSocket transport, msgpack messages, no pickle.
+
+Start it with ``cm-policy serve checkpoint=PATH [host=127.0.0.1 port=8765 max_batch=64
+batch_wait_ms=2 threads=1 max_steps=100 max_message_mb=16 weights=ema]``. The server loads the
+checkpoint (safetensors + JSON), listens, warms up, then answers; ``GET /healthz`` on the same
+port returns 200 ``ok`` once it is ready and 503 while warming up or shutting down. SIGTERM (or
+Ctrl-C) stops new work, lets in-flight requests reply, closes the sessions and exits with 0.
+
+Protocol (version 1). Every message is a binary msgpack map with a ``type``; arrays travel as
+``{"__ndarray__": true, "dtype": "float32", "shape": [...], "data": <raw little-endian bytes>}``.
+
+- ``hello`` [``protocol``] -> ``metadata``: ``observations`` {key: {shape, dtype}}, ``action_dim``,
+  ``horizon``, ``n_obs_steps``, ``n_action_steps``, ``control_hz``, ``method``,
+  ``default_steps``, ``max_steps``, ``max_batch``, ``max_message_bytes``, ``infer_modes``.
+- ``reset`` -> starts an episode of this session: its window is emptied, and the next observation
+  fills all ``n_obs_steps`` slots (as Diffusion Policy's runner does at env reset).
+- ``observe`` ``obs`` -> pushes one observation per key, (B, *shape) or unbatched (*shape).
+- ``infer`` ``obs`` [``mode`` ``steps`` ``seed``] -> ``action`` (B, n_action_steps, action_dim),
+  or (n_action_steps, action_dim) for an unbatched observation, and ``timing`` (``queue_ms``,
+  ``compute_ms``, ``server_ms``, ``batch_rows``, ``batch_requests``). ``mode="step"`` (default)
+  pushes ``obs`` as ``observe`` does and infers from the session's window; ``mode="window"``
+  takes ``obs`` as the window itself, (B, >=n_obs_steps, *shape), and leaves the session's window
+  alone. ``steps`` overrides the method's number of network evaluations; ``seed`` draws the noise
+  from ``torch.Generator().manual_seed(seed)``, for actions equal to the in-process policy's.
+- ``health`` -> ``ready``, ``sessions``, ``in_flight``, ``requests``, ``passes``.
+
+Order: ``health`` at any time; ``hello`` before anything else; ``reset`` before the first
+step-mode ``observe``/``infer`` of an episode (window mode needs no reset). The batch size (or
+unbatched form) stays fixed within an episode. A malformed or out-of-order message gets
+``{"type": "error", "ok": false, "request", "error", "expected", "got"}`` and the session goes
+on. Messages above ``max_message_bytes`` are refused with such a reply, and those above twice
+that are cut off by the transport (close code 1009).
+
+Requests of all sessions are micro-batched (see :mod:`cm_policy.serve.batching`) on one worker
+thread, off the event loop. The client, :class:`PolicyClient`, needs only numpy, msgpack and
+websockets (no torch); the server is :mod:`cm_policy.serve.server`.
+
+Exposing the server. It binds to 127.0.0.1, so only processes on the same machine reach it. It
+has no authentication and no encryption: to serve other machines, bind ``host=0.0.0.0`` (or the
+address of one interface) only on a trusted network with a firewall that admits the robot's or
+simulator's addresses, or keep it on loopback behind a TLS reverse proxy (nginx, Caddy) that
+terminates ``wss://`` and authenticates clients, or reach it through an SSH tunnel
+(``ssh -L 8765:127.0.0.1:8765 gpu-host``). Messages are never unpickled, so a hostile client can
+at worst be refused; it can still use the GPU, hence the firewall.
+"""
+
+from cm_policy.serve.client import PolicyClient, ServerError
+
+__all__ = ["PolicyClient", "ServerError"]

@@ -1,0 +1,177 @@
+"""Micro-batching: one worker thread runs queued inference requests, several per forward pass.
+
+The event loop only decodes, validates and queues; the worker thread takes the first queued
+request, then waits at most ``wait_s`` after its arrival for requests of other active sessions
+(never when it is the only active one), and runs them as one batch of at most ``max_batch`` rows.
+
+Unseeded requests with the same number of steps share one ``predict_action`` call on their
+concatenated windows, their noise drawn from the server's generator. A request with its own seed
+runs in a pass of its own with ``torch.Generator().manual_seed(seed)``: its actions are then
+bitwise those of the in-process policy called with that generator on the same window, whatever
+else is queued (a batched pass would agree only to float rounding, as kernels sum in a different
+order at another batch size, and a method may draw noise for the batch as a whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Predict = Callable[..., np.ndarray]
+_STOP = object()
+
+
+class InferenceError(RuntimeError):
+    """The policy raised while running a request's pass."""
+
+
+@dataclass
+class InferResult:
+    action: np.ndarray
+    queue_ms: float
+    compute_ms: float
+    batch_rows: int
+    batch_requests: int
+
+
+@dataclass
+class InferRequest:
+    """One session's window (B, n_obs_steps, ...) and sampling settings, settled on its loop."""
+
+    window: dict[str, np.ndarray]
+    steps: int | None
+    seed: int | None
+    received: float
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.window.values())))
+
+    def settle(self, outcome: InferResult | BaseException) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, outcome)
+
+
+def _settle(future: asyncio.Future, outcome: InferResult | BaseException) -> None:
+    if future.done():  # cancelled: its client left while it was queued or running
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class MicroBatcher:
+    """Runs ``predict(window, steps=, generator=)`` on a worker thread over queued requests."""
+
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        max_batch: int,
+        wait_s: float,
+        active_sessions: Callable[[], int],
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if wait_s < 0:
+            raise ValueError(f"the batch wait must be >= 0 s, got {wait_s}")
+        self.predict = predict
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.active_sessions = active_sessions
+        self.requests = 0
+        self.passes = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: InferRequest) -> None:
+        self._queue.put(request)
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the worker thread."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _work(self) -> None:
+        carry = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first is _STOP:
+                return
+            batch, rows = [first], first.rows
+            deadline = first.received + self.wait_s
+            while rows < self.max_batch:
+                # Every active session already has its request in: nothing more to wait for.
+                wait = deadline - time.perf_counter()
+                if len(batch) >= self.active_sessions():
+                    wait = 0.0
+                try:
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP or rows + item.rows > self.max_batch:
+                    carry = item
+                    break
+                batch.append(item)
+                rows += item.rows
+            self._run(batch)
+
+    def _run(self, batch: list[InferRequest]) -> None:
+        shared: dict[int | None, list[InferRequest]] = {}
+        for request in batch:
+            if request.future.cancelled():
+                continue
+            if request.seed is None:
+                shared.setdefault(request.steps, []).append(request)
+            else:
+                generator = torch.Generator().manual_seed(request.seed)
+                self._forward([request], request.steps, generator)
+        for steps, requests in shared.items():
+            self._forward(requests, steps, None)
+
+    def _forward(
+        self, requests: list[InferRequest], steps: int | None, generator: torch.Generator | None
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            action = self.predict(
+                _concat([r.window for r in requests]), steps=steps, generator=generator
+            )
+        except Exception as exc:  # a failed pass fails its requests, never the worker
+            for request in requests:
+                request.settle(InferenceError(f"inference failed: {exc}"))
+            return
+        compute_ms = (time.perf_counter() - started) * 1e3
+        self.requests += len(requests)
+        self.passes += 1
+        offset = 0
+        for request in requests:
+            request.settle(
+                InferResult(
+                    action=action[offset : offset + request.rows],
+                    queue_ms=(started - request.received) * 1e3,
+                    compute_ms=compute_ms,
+                    batch_rows=len(action),
+                    batch_requests=len(requests),
+                )
+            )
+            offset += request.rows
+
+
+def _concat(windows: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(windows) == 1:
+        return dict(windows[0])
+    return {k: np.concatenate([w[k] for w in windows]) for k in windows[0]}

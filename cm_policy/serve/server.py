@@ -1,0 +1,427 @@
+"""The policy server: WebSocket sessions, message checks and the health endpoint.
+
+See :mod:`cm_policy.serve` for the protocol. Each connection is a session with its own
+observation history; ``infer`` requests go to a :class:`~cm_policy.serve.batching.MicroBatcher`
+so that inference runs off the event loop, batched across sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from cm_policy.envs.pusht import CONTROL_HZ as PUSHT_CONTROL_HZ
+from cm_policy.evaluation.runner import push_obs, stack_obs
+from cm_policy.policy import Policy
+from cm_policy.serve.batching import InferenceError, InferRequest, InferResult, MicroBatcher
+from cm_policy.serve.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    INFER_MODES,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    check_fields,
+    decode_array,
+    error_reply,
+    key_names,
+    pack,
+    unpack,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_MAX_BATCH = 64
+DEFAULT_BATCH_WAIT_MS = 2.0
+DEFAULT_MAX_STEPS = 100
+HEALTH_PATH = "/healthz"
+# Messages up to this multiple of max_message_bytes are read and answered with an error; larger
+# ones are cut off by websockets, which closes the connection with code 1009 (message too big).
+TRANSPORT_SIZE_FACTOR = 2
+# A session counts as active (worth waiting a little for) this long after its last request.
+ACTIVE_SESSION_S = 1.0
+WARMUP_PASSES = 3
+SHUTDOWN_GRACE_S = 30.0
+CONTROL_HZ = {"pusht": PUSHT_CONTROL_HZ}
+LOW_DIM_DTYPE, IMAGE_DTYPE = "float32", "uint8"
+MAX_SEED = 2**63 - 1
+DEFAULT_INFER_MODE = "step"
+ORDER = "hello, then reset before step-mode observe/infer (window-mode infer needs only hello)"
+
+
+class Session:
+    """One connection: whether it said hello, and its episode's observation window."""
+
+    def __init__(self) -> None:
+        self.greeted = False
+        self.in_episode = False
+        self.history: dict[str, np.ndarray] | None = None
+        self.unbatched = False
+        self.last_request = -float("inf")
+
+    def reset(self) -> None:
+        self.in_episode, self.history = True, None
+
+    def push(self, obs: Mapping[str, np.ndarray], n_obs_steps: int) -> None:
+        """Append one observation (B, ...); the first of an episode fills the whole window."""
+        if self.history is None:
+            self.history = stack_obs(obs, n_obs_steps)
+        else:
+            push_obs(self.history, obs)
+
+
+class PolicyServer:
+    """Serves one policy to many sessions; run it with :meth:`serve`."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
+        self.policy = policy.eval()
+        self.max_batch = max_batch
+        self.max_steps = max_steps
+        self.max_message_bytes = max_message_bytes
+        task = policy.spec["task"]
+        self.obs_spec: dict[str, tuple[tuple[int, ...], str]] = {
+            k: ((d,), LOW_DIM_DTYPE) for k, d in policy.low_dim.items()
+        }
+        self.obs_spec.update(
+            {k: (tuple(task["image_shape"]), IMAGE_DTYPE) for k in policy.image_keys}
+        )
+        self.metadata = {
+            "protocol": PROTOCOL_VERSION,
+            "task": task.get("name"),
+            "observations": {
+                k: {"shape": list(shape), "dtype": dtype}
+                for k, (shape, dtype) in self.obs_spec.items()
+            },
+            "action_dim": policy.action_dim,
+            "horizon": policy.horizon,
+            "n_obs_steps": policy.n_obs_steps,
+            "n_action_steps": policy.n_action_steps,
+            "control_hz": CONTROL_HZ.get(task.get("env")),
+            "method": policy.method.name,
+            "default_steps": policy.method.default_steps,
+            "max_steps": max_steps,
+            "max_batch": max_batch,
+            "max_message_bytes": max_message_bytes,
+            "infer_modes": list(INFER_MODES),
+        }
+        self.batcher = MicroBatcher(
+            policy.predict_action,
+            max_batch=max_batch,
+            wait_s=batch_wait_ms / 1e3,
+            active_sessions=self.active_sessions,
+        )
+        self.sessions: set[Session] = set()
+        self.pending: set[asyncio.Future] = set()
+        # Messages being answered (any type); shutdown waits until their replies are sent.
+        self.answering = 0
+        self.all_answered = asyncio.Event()
+        self.all_answered.set()
+        self.ready = False
+        self.draining = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def serve(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        on_ready: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """Listen, warm up, serve until SIGTERM/SIGINT, then finish in-flight requests."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with serve(
+            self._handle,
+            host,
+            port,
+            process_request=self._http,
+            compression=None,  # deflate costs more than it saves on arrays, on loopback or LAN
+            max_size=TRANSPORT_SIZE_FACTOR * self.max_message_bytes,
+        ) as server:
+            await asyncio.to_thread(self._warm_up)
+            self.batcher.start()
+            self.ready = True
+            if on_ready is not None:
+                on_ready(host, _bound_port(server))
+            await stop.wait()
+            await self._drain(server)
+
+    def _warm_up(self) -> None:
+        window = {
+            k: np.zeros((1, self.policy.n_obs_steps, *shape), dtype=dtype)
+            for k, (shape, dtype) in self.obs_spec.items()
+        }
+        for _ in range(WARMUP_PASSES):
+            self.policy.predict_action(window)
+
+    async def _drain(self, server: Server) -> None:
+        """Refuse new work, let queued and running requests reply, then close connections."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_answered.wait(), SHUTDOWN_GRACE_S)
+        await asyncio.to_thread(self.batcher.stop)
+        server.close()
+        await server.wait_closed()
+
+    def active_sessions(self) -> int:
+        now = time.perf_counter()
+        return sum(now - s.last_request < ACTIVE_SESSION_S for s in list(self.sessions))
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """GET /healthz: 200 once warmed up, 503 before and while shutting down."""
+        state = "shutting down" if self.draining else "ok" if self.ready else "warming up"
+        status = HTTPStatus.OK if state == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
+        if urlsplit(request.path).path == HEALTH_PATH or status != HTTPStatus.OK:
+            return connection.respond(status, state + "\n")
+        return None
+
+    # --- sessions ------------------------------------------------------------------------------
+    async def _handle(self, connection: ServerConnection) -> None:
+        session = Session()
+        self.sessions.add(session)
+        closed = asyncio.ensure_future(connection.wait_closed())
+        try:
+            async for raw in connection:
+                self.answering += 1
+                self.all_answered.clear()
+                try:
+                    reply = await self._reply(session, raw, closed)
+                    if reply is None:  # the client left while its request was in flight
+                        return
+                    await connection.send(pack(reply))
+                finally:
+                    self.answering -= 1
+                    if not self.answering:
+                        self.all_answered.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            closed.cancel()
+            self.sessions.discard(session)
+
+    async def _reply(
+        self, session: Session, raw: bytes | str, closed: asyncio.Future
+    ) -> dict[str, Any] | None:
+        received = time.perf_counter()
+        kind = None
+        try:
+            message = unpack(raw, self.max_message_bytes)
+            kind = check_fields(message)
+            if kind == "health":
+                return self._health()
+            if kind == "hello":
+                return self._hello(session, message)
+            if not session.greeted:
+                raise ProtocolError(f"{kind!r} before 'hello'", expected=ORDER, got=kind)
+            if kind == "reset":
+                session.reset()
+                return {"type": "reset", "ok": True}
+            if kind == "observe":
+                self._observe(session, message["obs"])
+                return {"type": "observe", "ok": True}
+            return await self._infer(session, message, received, closed)
+        except ProtocolError as exc:
+            return exc.reply(kind)
+        except InferenceError as exc:  # the session stays usable
+            return error_reply(kind, str(exc))
+        except Exception as exc:  # a bug must not end the session: log it, answer and go on
+            logger.exception("unexpected error answering a %r message", kind)
+            return error_reply(kind, f"internal server error: {exc!r}")
+
+    def _health(self) -> dict[str, Any]:
+        return {
+            "type": "health",
+            "ok": True,
+            "ready": self.ready and not self.draining,
+            "sessions": len(self.sessions),
+            "in_flight": len(self.pending),
+            "requests": self.batcher.requests,
+            "passes": self.batcher.passes,
+        }
+
+    def _hello(self, session: Session, message: Mapping[str, Any]) -> dict[str, Any]:
+        version = message.get("protocol", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "unsupported protocol version", expected=PROTOCOL_VERSION, got=repr(version)
+            )
+        session.greeted = True
+        return {"type": "hello", "ok": True, "metadata": self.metadata}
+
+    def _observe(self, session: Session, obj: Any) -> None:
+        if not session.in_episode:
+            raise ProtocolError(
+                "step-mode observation before 'reset'", expected=ORDER, got="no reset yet"
+            )
+        obs, unbatched = self._read_obs(obj, "step")
+        if session.history is not None:
+            batch = len(next(iter(session.history.values())))
+            got = len(next(iter(obs.values())))
+            if unbatched != session.unbatched or batch != got:
+                raise ProtocolError(
+                    "observation batch changed within an episode; send 'reset' to start another",
+                    expected="unbatched" if session.unbatched else f"batch {batch}",
+                    got="unbatched" if unbatched else f"batch {got}",
+                )
+        session.unbatched = unbatched
+        session.push(obs, self.policy.n_obs_steps)
+
+    async def _infer(
+        self,
+        session: Session,
+        message: Mapping[str, Any],
+        received: float,
+        closed: asyncio.Future,
+    ) -> dict[str, Any] | None:
+        if self.draining:
+            raise ProtocolError(
+                "the server is shutting down", expected="no new infer after SIGTERM", got="infer"
+            )
+        mode = message.get("mode", DEFAULT_INFER_MODE)
+        if mode not in INFER_MODES:
+            raise ProtocolError("unknown infer mode", expected=list(INFER_MODES), got=repr(mode))
+        steps = _optional_int(message, "steps", 1, self.max_steps)
+        seed = _optional_int(message, "seed", 0, MAX_SEED)
+        if mode == "step":
+            self._observe(session, message["obs"])
+            assert session.history is not None
+            # A copy: the history moves on with the next observation.
+            window = {k: v.copy() for k, v in session.history.items()}
+            unbatched = session.unbatched
+        else:
+            obs, _ = self._read_obs(message["obs"], "window")
+            window = {k: v[:, -self.policy.n_obs_steps :].copy() for k, v in obs.items()}
+            unbatched = False
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        session.last_request = received
+        self.pending.add(future)
+        try:
+            self.batcher.submit(InferRequest(window, steps, seed, received, future, loop))
+            await asyncio.wait({future, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not future.done():
+                future.cancel()
+                return None
+            result: InferResult = future.result()
+        finally:
+            self.pending.discard(future)
+        return {
+            "type": "infer",
+            "ok": True,
+            "action": result.action[0] if unbatched else result.action,
+            "timing": {
+                "queue_ms": result.queue_ms,
+                "compute_ms": result.compute_ms,
+                "server_ms": (time.perf_counter() - received) * 1e3,
+                "batch_rows": result.batch_rows,
+                "batch_requests": result.batch_requests,
+            },
+        }
+
+    def _read_obs(self, obj: Any, mode: str) -> tuple[dict[str, np.ndarray], bool]:
+        """Checked observation arrays with a batch axis, and whether the client sent none.
+
+        ``step``: one observation per key, (B, *shape) or unbatched (*shape);
+        ``window``: (B, >=n_obs_steps, *shape).
+        """
+        expected_keys = sorted(self.obs_spec)
+        if not isinstance(obj, Mapping):
+            raise ProtocolError(
+                "obs must be a map of arrays", expected=expected_keys, got=type(obj).__name__
+            )
+        if set(obj) != set(expected_keys):
+            raise ProtocolError(
+                "wrong observation keys", expected=expected_keys, got=key_names(obj)
+            )
+        n_obs = self.policy.n_obs_steps
+        obs, lead_shapes = {}, set()
+        for key, (shape, dtype) in self.obs_spec.items():
+            name = f"obs[{key!r}]"
+            array = decode_array(obj[key], name)
+            if array.dtype != np.dtype(dtype):
+                raise ProtocolError(
+                    f"{name} has the wrong dtype", expected=dtype, got=str(array.dtype)
+                )
+            lead = array.shape[: array.ndim - len(shape)]
+            tail = ", ".join(map(str, shape))
+            if mode == "window":
+                ok = len(lead) == 2 and lead[1] >= n_obs
+                want = f"(batch, >={n_obs}, {tail})"
+            else:
+                ok = len(lead) <= 1
+                want = f"({tail}) or (batch, {tail})"
+            if not ok or array.shape[len(lead) :] != shape:
+                raise ProtocolError(
+                    f"{name} has the wrong shape", expected=want, got=list(array.shape)
+                )
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ProtocolError(
+                    f"{name} has non-finite values",
+                    expected="finite numbers",
+                    got=f"{int((~np.isfinite(array)).sum())} NaN/inf values",
+                )
+            obs[key] = array if lead else array[None]
+            lead_shapes.add(lead[:1])
+        if len(lead_shapes) > 1:
+            raise ProtocolError(
+                "observation keys disagree on the batch size",
+                expected="the same leading batch size for every key",
+                got=sorted(str(s) for s in lead_shapes),
+            )
+        batch = len(next(iter(obs.values())))
+        if not 1 <= batch <= self.max_batch:
+            raise ProtocolError(
+                "batch size out of range", expected=f"1 to {self.max_batch}", got=batch
+            )
+        return obs, not lead_shapes.pop()
+
+
+def _optional_int(message: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = message.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError(
+            f"{key!r} out of range", expected=f"an int from {low} to {high}", got=repr(value)
+        )
+    return value
+
+
+def _bound_port(server: Server) -> int:
+    return server.sockets[0].getsockname()[1]
+
+
+def run_server(
+    policy: Policy,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    threads: int = 1,
+    on_ready: Callable[[str, int], None] | None = None,
+    **options: Any,
+) -> None:
+    """Serve ``policy`` until SIGTERM/SIGINT; ``options`` go to :class:`PolicyServer`."""
+    torch.set_num_threads(threads)
+    asyncio.run(PolicyServer(policy, **options).serve(host, port, on_ready))
