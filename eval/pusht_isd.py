@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR")
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--out", default="eval/results")
+    parser.add_argument("--note", default="", help="a paragraph on how the runs were made")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def main() -> None:
         "# PushT with iSD: one-step policies trained on CPU",
         "",
         f"Command: `python eval/pusht_isd.py {' '.join('--run ' + r for r in args.run)} "
-        f"--n-envs {args.n_envs}`",
+        f"--n-envs {args.n_envs} --note ...`",
         "",
         f"Machine: {describe_machine()}, no GPU."
         " Policies: EMA weights of the last checkpoint. mean_score = mean over episodes "
@@ -71,6 +72,7 @@ def main() -> None:
         "step; 300 env steps, n_obs_steps 2, n_action_steps 8, horizon 16. Intervals are 95% "
         "(normal for mean_score, Wilson for success).",
         "",
+        *([args.note, ""] if args.note else []),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for name, run_dir in runs.items():
