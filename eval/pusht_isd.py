@@ -28,6 +28,16 @@ from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 TEST_START = 100000
 
 
+def training_wall_s(log: list[dict]) -> float:
+    """Total training time; a resumed run's log restarts its clock, so segments are added up."""
+    total, last = 0.0, 0.0
+    for record in log:
+        if record["wall_s"] < last:
+            total += last
+        last = record["wall_s"]
+    return total + last
+
+
 def evaluate_run(run: Path, n_envs: int) -> list[dict]:
     policy = load_policy(run, weights="ema")
     rows = []
@@ -86,7 +96,7 @@ def main() -> None:
             f"Training: `cm-policy train task={cfg.task.name} method={cfg.method.name} "
             f"model=...` with down_dims {list(cfg.model.down_dims)}, {cfg.training.steps} steps "
             f"at batch {cfg.training.batch_size}, lr {cfg.training.lr}, dataset "
-            f"`{Path(cfg.task.dataset_path).name}`; wall time {log[-1]['wall_s'] / 60:.1f} min "
+            f"`{Path(cfg.task.dataset_path).name}`; wall time {training_wall_s(log) / 60:.1f} min "
             f"(including periodic evaluations); checkpoint `{folder.name}`. Full config: "
             f"`{run / 'config.yaml'}`.",
             "",

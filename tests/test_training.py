@@ -47,6 +47,8 @@ def test_resume_continues_bit_for_bit(tiny_pusht: Path, tmp_path: Path):
             assert (a[key] == b[key]).all(), f"{name}:{key} differs after resume"
     log = [json.loads(x) for x in (resumed / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    walls = [r["wall_s"] for r in log]
+    assert walls == sorted(walls), "a resumed run's clock must continue, not restart"
 
 
 def test_cli_train_then_eval(tiny_pusht: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

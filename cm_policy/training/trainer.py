@@ -151,11 +151,13 @@ def train(cfg: DictConfig) -> Path:
     (run_dir / "config.yaml").write_text(config_yaml)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     log_path = run_dir / "train_log.jsonl"
+    wall_offset = 0.0  # a resumed run's clock continues from its checkpoint's
     if log_path.exists():
         # Keep the log consistent with the checkpoint: drop lines written after it.
         lines = log_path.read_text().splitlines()
         kept = [x for x in lines if json.loads(x)["step"] <= start_step]
         log_path.write_text("".join(x + "\n" for x in kept))
+        wall_offset = json.loads(kept[-1])["wall_s"] if kept and start_step else 0.0
     params = [p for p in policy.parameters()]
     ema_params = [p for p in ema.parameters()]
     n_params = sum(p.numel() for p in params)
@@ -215,7 +217,7 @@ def train(cfg: DictConfig) -> Path:
                 "grad_norm": grad_norm,
                 "nonfinite_grad_frac": n_bad / n_params,
                 "lr": scheduler.get_last_lr()[0],
-                "wall_s": time.perf_counter() - started,
+                "wall_s": wall_offset + time.perf_counter() - started,
             }
             for key, value in record.items():
                 if key != "step":
