@@ -36,6 +36,16 @@ def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
     return out
 
 
+def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Per-call times of each ``name: (fn, calls_per_round)``, measured in alternating rounds so
+    that drifts in the machine's speed (other jobs, clock changes) fall on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, (fn, calls) in fns.items():
+            times[name] += timed(fn, calls, warmup=1)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="unet_cpu")
@@ -57,28 +67,39 @@ def main() -> None:
     policy = Policy(spec, norm).eval()
     n_params = sum(p.numel() for p in policy.parameters())
     obs = {key: rng.uniform(0, 512, (1, cfg.n_obs_steps, dim)).astype(np.float32)}
-    lat1 = timed(lambda: policy.predict_action(obs, steps=1), 200)
-    lat100 = timed(lambda: policy.predict_action(obs, steps=100), 10, warmup=1)
     cond = torch.randn(1, policy.obs_encoder.out_dim)
     x = torch.randn(1, cfg.horizon, 2)
-    with torch.no_grad():
-        bare = timed(lambda: policy.net(x, torch.ones(1), torch.zeros(1), cond), 200)
+
+    @torch.no_grad()
+    def bare_forward() -> None:
+        policy.net(x, torch.ones(1), torch.zeros(1), cond)
+
+    latency = interleaved(
+        {
+            "one": (lambda: policy.predict_action(obs, steps=1), 20),
+            "bare": (bare_forward, 20),
+            "hundred": (lambda: policy.predict_action(obs, steps=100), 1),
+        },
+        rounds=10,
+    )
+    lat1, bare, lat100 = latency["one"], latency["bare"], latency["hundred"]
 
     batch = args.batch
     actions = torch.rand(batch, cfg.horizon, 2) * 2 - 1
     cond_b = torch.randn(batch, policy.obs_encoder.out_dim)
     opt = torch.optim.AdamW(policy.net.parameters(), lr=1e-5)
-    step_times = {}
-    for batched in (True, False):
-        method = ISD(batch_passes=batched)
 
-        def train_step(method: ISD = method) -> None:
-            loss, _ = method.loss(policy.net, actions, cond_b)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    def train_step(method: ISD) -> None:
+        loss, _ = method.loss(policy.net, actions, cond_b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
-        step_times[batched] = timed(train_step, 8, warmup=2)
+    batched, one_by_one = ISD(batch_passes=True), ISD(batch_passes=False)
+    step_times = interleaved(
+        {True: (lambda: train_step(batched), 2), False: (lambda: train_step(one_by_one), 2)},
+        rounds=5,
+    )
 
     med = statistics.median
     ms = 1e3
@@ -98,8 +119,9 @@ def main() -> None:
         f"Machine: {describe_machine()}, {args.threads} torch threads, no GPU; "
         f"torch {torch.__version__}. "
         f"Network: model `{args.model}` ({n_params / 1e6:.2f}M parameters), task `{args.task}`, "
-        f"horizon {cfg.horizon}. Medians of 200 (1 step, bare forward), 10 (100 steps) and 8 "
-        "(training steps) timed repeats after warm-up.",
+        f"horizon {cfg.horizon}. Medians of 200 calls (1 step, bare forward; measured in "
+        "10 alternating rounds of 20, 20 and 1 call), 10 (100 steps) and 10 (training steps, 5 "
+        "alternating rounds of 2), after warm-up.",
         "",
         "| measurement | median ms |",
         "|---|---|",
@@ -108,8 +130,10 @@ def main() -> None:
         f"- 100-step sampling is {med(lat100) / med(lat1):.1f}x slower than one step.",
         f"- One-step `predict_action` costs {med(lat1) / med(bare):.2f}x a bare network forward "
         "(normalisation, observation encoding, noise and un-normalisation around it).",
-        f"- Batching the iSD passes: {med(step_times[False]) / med(step_times[True]):.2f}x "
-        "faster training step than running them one by one.",
+        f"- Batching the iSD passes: the batched training step takes "
+        f"{med(step_times[True]) / med(step_times[False]):.2f}x the time of the one-by-one step "
+        f"({'faster' if med(step_times[True]) < med(step_times[False]) else 'slower'} on "
+        "this machine; the gain from fewer, larger kernels is expected on a GPU).",
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
