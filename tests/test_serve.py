@@ -103,6 +103,16 @@ def stop_server(proc: subprocess.Popen) -> int:
             proc.kill()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The server runs with one torch thread; the in-process side must too, so that the float
+    sums of both run in the same order and their actions can be compared bitwise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
