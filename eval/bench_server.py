@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import shlex
 import signal
@@ -44,7 +43,7 @@ from cm_policy.evaluation.machine import describe_machine
 from cm_policy.policy import Policy
 from cm_policy.serve import PolicyClient
 from cm_policy.serve.protocol import decode_response, pack
-from cm_policy.training.checkpoint import load_policy, save_checkpoint
+from cm_policy.training.checkpoint import load_policy, save_policy
 from cm_policy.training.trainer import policy_spec
 
 STARTUP_TIMEOUT_S = 120.0
@@ -66,15 +65,7 @@ def random_checkpoint(folder: Path, model: str) -> Path:
         {"action": rng.uniform(0, 512, (512, 2)), key: rng.uniform(0, 512, (512, dim))}
     )
     policy = Policy(policy_spec(cfg), norm)
-    save_checkpoint(
-        folder,
-        0,
-        config_yaml="{}",
-        policy=policy,
-        ema_policy=copy.deepcopy(policy),
-        optimizer=torch.optim.AdamW(policy.parameters()),
-        trainer_state={},
-    )
+    save_policy(policy, folder, step=0)
     return folder
 
 

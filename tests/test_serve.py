@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import signal
 import socket
@@ -33,7 +32,7 @@ from cm_policy.serve import PolicyClient, ServerError
 from cm_policy.serve.batching import InferRequest, MicroBatcher
 from cm_policy.serve.protocol import decode_response, pack
 from cm_policy.tasks import env_factory
-from cm_policy.training.checkpoint import load_policy, save_checkpoint
+from cm_policy.training.checkpoint import load_policy, save_policy
 
 SPEC = {
     "task": {
@@ -121,15 +120,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     norm.fit({"action": rng.uniform(50, 450, (100, 2)), KEY: rng.uniform(0, 512, (100, DIM))})
     policy = Policy(SPEC, norm)
     run = tmp_path_factory.mktemp("run")
-    save_checkpoint(
-        run,
-        1,
-        config_yaml="{}",
-        policy=policy,
-        ema_policy=copy.deepcopy(policy),
-        optimizer=torch.optim.AdamW(policy.parameters()),
-        trainer_state={},
-    )
+    save_policy(policy, run, step=1)
     return run
 
 

@@ -97,6 +97,20 @@ def save_checkpoint(
     return final
 
 
+def save_policy(policy: Policy, run_dir: str | Path, step: int = 0) -> Path:
+    """A checkpoint of ``policy`` alone (as both raw and EMA weights, with a fresh optimiser),
+    e.g. to serve or evaluate a policy that was built or trained outside :func:`train`."""
+    return save_checkpoint(
+        Path(run_dir),
+        step,
+        config_yaml="{}",
+        policy=policy,
+        ema_policy=policy,
+        optimizer=torch.optim.AdamW(policy.parameters()),
+        trainer_state={},
+    )
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint folder, a ``checkpoints`` folder or a run folder (uses ``latest``)."""
     path = Path(path)
