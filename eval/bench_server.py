@@ -20,16 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,11 +36,11 @@ from cm_policy.data import LinearNormalizer
 from cm_policy.evaluation.machine import describe_machine
 from cm_policy.policy import Policy
 from cm_policy.serve import PolicyClient
+from cm_policy.serve.launch import spawn_server, stop_server
 from cm_policy.serve.protocol import decode_response, pack
 from cm_policy.training.checkpoint import load_policy, save_policy
 from cm_policy.training.trainer import policy_spec
 
-STARTUP_TIMEOUT_S = 120.0
 LATENCY_BLOCK = 50
 WARMUP_REQUESTS = 20
 THROUGHPUT_WARMUP_S = 0.5
@@ -67,34 +61,6 @@ def random_checkpoint(folder: Path, model: str) -> Path:
     policy = Policy(policy_spec(cfg), norm)
     save_policy(policy, folder, step=0)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(checkpoint: Path, port: int, options: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, "-m", "cm_policy.cli", "serve", f"checkpoint={checkpoint}"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*command, f"port={port}", *options], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
 
 
 def latencies(
@@ -181,13 +147,12 @@ def main() -> None:
         policy = load_policy(checkpoint)
         if policy.image_keys:
             raise SystemExit("this benchmark covers low-dim policies")
-        port = free_port()
         options = [
             f"threads={args.threads}",
             f"max_batch={args.max_batch}",
             f"batch_wait_ms={args.batch_wait_ms}",
         ]
-        server = start_server(checkpoint, port, options, Path(tmp) / "server.log")
+        server, port = spawn_server(checkpoint, Path(tmp) / "server.log", *options)
         uri = f"ws://127.0.0.1:{port}"
         try:
             obs = {
@@ -210,8 +175,7 @@ def main() -> None:
             rates = {n: asyncio.run(throughput(uri, request, n, args.duration)) for n in clients}
             ceilings = {n: in_process_rows_per_s(policy, obs, n) for n in clients}
         finally:
-            server.send_signal(signal.SIGTERM)
-            exit_code = server.wait(timeout=60)
+            exit_code = stop_server(server)
 
     p = {q: (np.percentile(local_s, q) * MS, np.percentile(remote_s, q) * MS) for q in (50, 99)}
     overhead = p[50][1] - p[50][0]

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -30,6 +26,7 @@ from cm_policy.evaluation.runner import run_episodes
 from cm_policy.policy import Policy
 from cm_policy.serve import PolicyClient, ServerError
 from cm_policy.serve.batching import InferRequest, MicroBatcher
+from cm_policy.serve.launch import healthz, spawn_server, stop_server
 from cm_policy.serve.protocol import decode_response, pack
 from cm_policy.tasks import env_factory
 from cm_policy.training.checkpoint import load_policy, save_policy
@@ -50,56 +47,9 @@ SPEC = {
     "method": {"name": "isd"},
 }
 N_OBS, N_ACT, KEY, DIM = 2, 8, "keypoints", 20
-STARTUP_TIMEOUT_S = 90.0
 # Long enough for the micro-batcher to gather the 16 clients' requests on a loaded machine.
 BATCH_WAIT_MS = 20
 BASE_SEED = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def healthz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def start_server(checkpoint: Path, log: Path, *options: str) -> tuple[subprocess.Popen, int]:
-    """``cm-policy serve`` in a subprocess, returned once /healthz answers 200."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "cm_policy.cli", "serve", f"checkpoint={checkpoint}"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*command, f"port={port}", *options], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if healthz(port) == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,7 +82,7 @@ def policy(checkpoint: Path) -> Policy:
 @pytest.fixture(scope="module")
 def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc, port = start_server(checkpoint, log, f"batch_wait_ms={BATCH_WAIT_MS}")
+    proc, port = spawn_server(checkpoint, log, f"batch_wait_ms={BATCH_WAIT_MS}")
     yield f"ws://127.0.0.1:{port}"
     assert stop_server(proc) == 0, log.read_text()
 
@@ -394,7 +344,7 @@ def test_health_endpoint_and_plain_http(server: str):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(checkpoint: Path, tmp_path: Path):
-    proc, port = start_server(checkpoint, tmp_path / "server.log", "max_steps=100000")
+    proc, port = spawn_server(checkpoint, tmp_path / "server.log", "max_steps=100000")
     uri = f"ws://127.0.0.1:{port}"
     try:
         with PolicyClient(uri) as monitor, connect(uri, compression=None) as connection:

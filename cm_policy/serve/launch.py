@@ -1,0 +1,71 @@
+"""Start and stop ``cm-policy serve`` in a subprocess (for tests, benchmarks and scripts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def healthz(port: int, host: str = "127.0.0.1") -> int:
+    """The HTTP status of the server's health check (200 ready, 503 warming up or stopping)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def spawn_server(
+    checkpoint: str | Path, log: Path, *options: str, port: int | None = None
+) -> tuple[subprocess.Popen, int]:
+    """``cm-policy serve`` on 127.0.0.1 in a subprocess, returned once /healthz answers 200.
+
+    ``options`` are further ``key=value`` arguments of ``cm-policy serve``; the server's output
+    goes to ``log``. OMP_NUM_THREADS defaults to 1 so the server's torch uses its ``threads``.
+    """
+    port = port or free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [sys.executable, "-m", "cm_policy.cli", "serve", f"checkpoint={checkpoint}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*command, f"port={port}", *options], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if healthz(port) == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    """SIGTERM (graceful shutdown), then the exit code; killed if it does not stop in time."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=STOP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
