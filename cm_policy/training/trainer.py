@@ -92,7 +92,7 @@ class TrainingData:
                 if m
             ]
         )
-        self.fit_arrays = {k: v[rows] for k, v in self.arrays.items()}
+        self.train_rows = rows  # time steps of the training episodes, to fit the normaliser on
 
     def batch(self, rng: np.random.Generator, size: int, n_obs_steps: int):
         idx = rng.integers(0, len(self.sampler), size=size)
@@ -105,8 +105,10 @@ class TrainingData:
 
 def fit_normalizer(cfg: DictConfig, data: TrainingData) -> LinearNormalizer:
     normalizer = LinearNormalizer()
-    low_dim = {k: data.fit_arrays[k] for k in cfg.task.low_dim}
-    normalizer.fit({"action": data.fit_arrays["action"], **low_dim}, mode="limits")
+    # Only the normalised keys are gathered: copying the training rows of an image array would
+    # duplicate the largest array in RAM for nothing.
+    keys = ["action", *cfg.task.low_dim]
+    normalizer.fit({k: data.arrays[k][data.train_rows] for k in keys}, mode="limits")
     return normalizer
 
 
@@ -158,8 +160,8 @@ def train(cfg: DictConfig) -> Path:
         kept = [x for x in lines if json.loads(x)["step"] <= start_step]
         log_path.write_text("".join(x + "\n" for x in kept))
         wall_offset = json.loads(kept[-1])["wall_s"] if kept and start_step else 0.0
-    params = [p for p in policy.parameters()]
-    ema_params = [p for p in ema.parameters()]
+    params = list(policy.parameters())
+    ema_params = list(ema.parameters())
     n_params = sum(p.numel() for p in params)
     print(
         f"training {cfg.method.name} on {cfg.task.name}: {data.n_train_episodes}/{data.n_episodes} "
