@@ -15,7 +15,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from cm_policy.envs.pusht import PushTEnv, keypoint_obs, state_sincos_obs
+from cm_policy.envs.pusht import PushTEnv, state_sincos_obs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PUSHT_DATASET = REPO_ROOT / "data" / "pusht_generated.zarr"
@@ -28,10 +28,8 @@ def _pusht_obs(obs_type: str, data: Mapping[str, np.ndarray]) -> dict[str, np.nd
     if obs_type == "state_sincos":
         return {"state_sincos": state_sincos_obs(state)}
     if obs_type == "keypoints":
-        if "keypoint" in data:
-            kp = np.asarray(data["keypoint"], dtype=np.float32).reshape(len(state), -1)
-            return {"keypoints": np.concatenate([kp, state[:, :2].astype(np.float32)], axis=1)}
-        return {"keypoints": np.stack([keypoint_obs(s) for s in state])}
+        kp = np.asarray(data["keypoint"], dtype=np.float32).reshape(len(state), -1)
+        return {"keypoints": np.concatenate([kp, state[:, :2].astype(np.float32)], axis=1)}
     if obs_type == "image":
         img = np.asarray(data["img"])
         if img.dtype != np.uint8:
