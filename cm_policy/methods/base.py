@@ -35,6 +35,9 @@ class Method(ABC):
     ) -> torch.Tensor:
         """Normalised action chunks of ``shape`` (B, horizon, action_dim), clipped to [-1, 1]."""
 
+    def set_progress(self, step: int, total_steps: int) -> None:  # noqa: B027
+        """Called by the trainer before each step; methods with a curriculum (iCT) use it."""
+
     def config(self) -> dict:
         """The hyper-parameters that rebuild this method (saved with checkpoints)."""
         return {}

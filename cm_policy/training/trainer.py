@@ -182,6 +182,7 @@ def train(cfg: DictConfig) -> Path:
                 "numpy_rng": numpy_rng_state(rng),
                 "history": history,
             },
+            keep_last=int(tc.get("keep_checkpoints", 2)),
         )
 
     started = time.perf_counter()
@@ -189,6 +190,7 @@ def train(cfg: DictConfig) -> Path:
     policy.train()
     for step in bar:
         obs, action = data.batch(rng, tc.batch_size, cfg.n_obs_steps)
+        policy.method.set_progress(step, tc.steps)
         loss, logs = policy.compute_loss(obs, action)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
