@@ -5,9 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from cm_policy.methods.base import Method
+from cm_policy.methods.ddpm import DDPM
+from cm_policy.methods.flow import Flow
+from cm_policy.methods.ict import ICT
 from cm_policy.methods.isd import ISD
+from cm_policy.methods.meanflow import MeanFlow
 
-METHODS: dict[str, type[Method]] = {"isd": ISD}
+METHODS: dict[str, type[Method]] = {
+    "isd": ISD,
+    "ddpm": DDPM,
+    "flow": Flow,
+    "meanflow": MeanFlow,
+    "ict": ICT,
+}
 
 
 def make_method(name: str, **kwargs: Any) -> Method:
@@ -16,4 +26,4 @@ def make_method(name: str, **kwargs: Any) -> Method:
     return METHODS[name](**kwargs)
 
 
-__all__ = ["ISD", "METHODS", "Method", "make_method"]
+__all__ = ["DDPM", "ICT", "ISD", "METHODS", "Flow", "MeanFlow", "Method", "make_method"]

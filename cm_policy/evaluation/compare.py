@@ -1,0 +1,627 @@
+"""Method comparison: same network, data, batch, optimiser and steps for every method.
+
+For each selected method and training seed the harness trains a policy with the package's trainer
+(every step logged, so gradient-norm statistics are exact), then evaluates it closed-loop at the
+method's numbers of steps on shared test seeds, measures its latency per action chunk, and checks
+for degenerate solutions (how much the sampled chunks vary across noise draws for one observation).
+A second view compares methods at equal training wall time: each method's latest checkpoint that
+fits within the fastest method's wall time is evaluated too.
+
+Everything is resumable: a finished training run, evaluation or measurement is read back, not
+redone. ``eval/compare.py`` is the command line; :func:`write_report` writes the markdown and PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cm_policy.evaluation.machine import describe_machine
+
+# Method label -> (config overrides, evaluated samplers). A sampler is "N" (N network evaluations
+# of the method's own sampler) or "ddpm:N" / "ddim:N" for the diffusion baseline.
+METHODS: dict[str, tuple[list[str], list[str]]] = {
+    "isd": (["method=isd"], ["1", "2", "4"]),
+    "ddpm": (["method=ddpm"], ["ddpm:100", "ddim:10", "ddim:1"]),
+    "flow": (["method=flow"], ["1", "4", "16"]),
+    "meanflow": (["method=meanflow"], ["1", "2", "4"]),
+    "meanflow_noadapt": (["method=meanflow", "method.adaptive_p=0"], ["1", "2", "4"]),
+    "ict": (["method=ict"], ["1", "2", "4"]),
+}
+# The setting each method is known by; it is the one evaluated in the equal-wall-time view.
+HEADLINE = {
+    "isd": "1",
+    "ddpm": "ddpm:100",
+    "flow": "16",
+    "meanflow": "1",
+    "meanflow_noadapt": "1",
+    "ict": "1",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    model: str
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    seeds: tuple[int, ...]
+    episodes_per_seed: int
+    n_envs: int
+    max_steps: int = 300
+    n_snapshots: int = 5  # checkpoints kept for the equal-wall-time view
+    threads: int = 2  # torch threads for training
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+BUDGETS = {
+    # Pytest: seconds on 2 CPU cores, checks that the machinery runs.
+    "tiny": Budget(
+        model="unet_tiny",
+        steps=4,
+        batch_size=8,
+        lr=3e-4,
+        warmup_steps=1,
+        seeds=(0,),
+        episodes_per_seed=2,
+        n_envs=1,
+        max_steps=16,
+        n_snapshots=2,
+        threads=1,
+        overrides=("model.down_dims=[16,32]", "model.time_embed_dim=16"),
+    ),
+    # About an hour on 2 CPU cores for PushT keypoints; 500 episodes per entry (250 per seed).
+    # One training thread: a 2-thread run slows down up to 10x whenever anything else runs.
+    "small": Budget(
+        model="unet_tiny",
+        steps=1000,
+        batch_size=128,
+        lr=3e-4,
+        warmup_steps=100,
+        seeds=(0, 1),
+        episodes_per_seed=250,
+        n_envs=8,
+        threads=1,
+    ),
+    # The same comparison at Diffusion Policy's scale, for one GPU.
+    "large": Budget(
+        model="unet_dp",
+        steps=20000,
+        batch_size=256,
+        lr=1e-4,
+        warmup_steps=500,
+        seeds=(0, 1, 2),
+        episodes_per_seed=500,
+        n_envs=16,
+        n_snapshots=10,
+    ),
+}
+
+TEST_START = 100000
+
+
+def parse_sampler(sampler: str) -> tuple[str | None, int]:
+    kind, _, n = sampler.rpartition(":")
+    return (kind or None), int(n)
+
+
+def sampler_label(method: str, sampler: str) -> str:
+    kind, n = parse_sampler(sampler)
+    return f"{kind}-{n}" if kind else f"{method}-{n}"
+
+
+def apply_sampler(policy: Any, sampler: str) -> int:
+    """Set the policy's sampler kind (ddpm/ddim) if the label names one; return the steps."""
+    kind, n = parse_sampler(sampler)
+    if kind is not None:
+        if not hasattr(policy.method, "sampler"):
+            raise ValueError(f"{sampler!r} names a sampler but {policy.method.name} has none")
+        policy.method.sampler = kind
+    return n
+
+
+def training_config(
+    task: str, method: str, budget: Budget, seed: int, dataset: str | None, run_dir: Path
+):
+    from cm_policy.cli import compose
+
+    b = budget
+    overrides = [
+        f"task={task}",
+        *METHODS[method][0],
+        f"model={b.model}",
+        *b.overrides,
+        f"seed={seed}",
+        f"output_dir={run_dir}",
+        f"training.steps={b.steps}",
+        f"training.batch_size={b.batch_size}",
+        f"training.lr={b.lr}",
+        f"training.warmup_steps={b.warmup_steps}",
+        f"training.num_threads={b.threads}",
+        "training.log_every=1",
+        "training.eval_every=0",
+        f"training.checkpoint_every={max(1, b.steps // b.n_snapshots)}",
+        "training.keep_checkpoints=0",
+        f"eval.max_steps={b.max_steps}",
+    ]
+    if dataset:
+        overrides.append(f"task.dataset_path={dataset}")
+    return compose("config", overrides)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = run_dir / "train_log.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def train_run(cfg, run_dir: Path) -> None:
+    """Train, or continue an interrupted run from its latest checkpoint."""
+    from omegaconf import OmegaConf
+
+    from cm_policy.training.trainer import train
+
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.exists():
+        done = int(latest.read_text().strip().split("_")[1])
+        if done >= cfg.training.steps:
+            return
+        cfg = OmegaConf.merge(cfg, {"resume": str(run_dir)})
+    train(cfg)
+
+
+def grad_stats(log: Sequence[dict]) -> dict[str, float]:
+    norms = np.array([r["grad_norm"] for r in log], dtype=float)
+    finite = norms[np.isfinite(norms)]
+    return {
+        "grad_median": float(np.median(finite)) if finite.size else math.nan,
+        "grad_p99": float(np.percentile(finite, 99)) if finite.size else math.nan,
+        "grad_max": float(finite.max()) if finite.size else math.nan,
+        "nonfinite_steps": int((~np.isfinite(norms)).sum()),
+        "wall_s": float(log[-1]["wall_s"]) if log else math.nan,
+    }
+
+
+def checkpoint_walls(run_dir: Path, log: Sequence[dict]) -> dict[int, float]:
+    """Training wall time at each kept checkpoint."""
+    wall = {r["step"]: r["wall_s"] for r in log}
+    steps = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
+    return {s: wall[s] for s in sorted(steps) if s in wall}
+
+
+def step_costs(cfgs: dict[str, Any], rounds: int = 3, steps: int = 4) -> dict[str, float]:
+    """Seconds per training step of each method's config, measured side by side.
+
+    The methods take turns (``rounds`` times ``steps`` timed steps each, after a warm-up), so a
+    slow spell of a shared machine hits them alike; the median per method is returned. The
+    equal-wall-time view uses these, not the long runs' wall clocks, which another process on
+    the machine can stretch.
+    """
+    from cm_policy.policy import Policy
+    from cm_policy.training.trainer import TrainingData, fit_normalizer, policy_spec
+
+    first = next(iter(cfgs.values()))
+    torch.set_num_threads(int(first.training.num_threads))
+    data = TrainingData(first)
+    normalizer = fit_normalizer(first, data)
+    rng = np.random.default_rng(0)
+    setups = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        policy = Policy(policy_spec(cfg), normalizer)
+        policy.method.set_progress(0, int(cfg.training.steps))
+        setups[name] = (policy, torch.optim.AdamW(policy.parameters(), lr=1e-4))
+    batch = int(first.training.batch_size)
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    for r in range(rounds + 1):
+        for name, (policy, optimizer) in setups.items():
+            batches = [data.batch(rng, batch, policy.n_obs_steps) for _ in range(steps)]
+            started = time.perf_counter()
+            for obs, action in batches:
+                loss, _ = policy.compute_loss(obs, action)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if r:  # round 0 warms up
+                times[name].append((time.perf_counter() - started) / steps)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+@torch.no_grad()
+def chunk_spread(policy: Any, cfg, sampler: str, n_obs: int = 64, n_draws: int = 16) -> dict:
+    """Degeneracy check: for fixed observations, how much do chunks vary across noise draws?
+
+    Returns, in normalised action units, the std across draws (mean over observations and chunk
+    elements) and the RMS error of the draws against the demonstrated chunk.
+    """
+    from cm_policy.training.trainer import TrainingData
+
+    data = TrainingData(cfg)
+    obs, action = data.batch(np.random.default_rng(12345), n_obs, policy.n_obs_steps)
+    steps = apply_sampler(policy, sampler)
+    gen = torch.Generator().manual_seed(0)
+    cond = policy.obs_encoder(policy.normalize_obs(obs))
+    cond = cond.repeat_interleave(n_draws, dim=0)
+    shape = (n_obs * n_draws, policy.horizon, policy.action_dim)
+    chunks = policy.method.sample(policy.net, cond, shape, steps=steps, generator=gen)
+    chunks = chunks.view(n_obs, n_draws, policy.horizon, policy.action_dim)
+    target = policy.normalizer.normalize("action", action).unsqueeze(1)
+    return {
+        "spread": float(chunks.std(dim=1).mean()),
+        "rmse_to_demo": float((chunks - target).pow(2).mean().sqrt()),
+    }
+
+
+@torch.no_grad()
+def chunk_latency_ms(policy: Any, sampler: str, repeats: int = 30) -> float:
+    """Median wall time of ``predict_action`` at batch 1 (after a warm-up)."""
+    steps = apply_sampler(policy, sampler)
+    rng = np.random.default_rng(0)
+    task = policy.spec["task"]
+    obs = {
+        k: rng.standard_normal((1, policy.n_obs_steps, d)).astype(np.float32)
+        for k, d in task.get("low_dim", {}).items()
+    }
+    for k in task.get("image_keys", []):
+        obs[k] = rng.random((1, policy.n_obs_steps, *task["image_shape"]), dtype=np.float32)
+    times = []
+    for i in range(repeats + 3):
+        started = time.perf_counter()
+        policy.predict_action(obs, steps=steps)
+        if i >= 3:
+            times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times))
+
+
+def evaluate_entry(
+    policy: Any, sampler: str, seeds: Sequence[int], out: Path, n_envs: int, max_steps: int
+) -> dict:
+    from cm_policy.evaluation.runner import evaluate_policy
+
+    metrics_file = out / "metrics.json"
+    if metrics_file.exists():
+        return json.loads(metrics_file.read_text())
+    steps = apply_sampler(policy, sampler)
+    return evaluate_policy(
+        policy,
+        seeds,
+        out,
+        steps=steps,
+        n_envs=n_envs,
+        n_videos=0,
+        max_steps=max_steps,
+        progress=False,
+        extra={"sampler": sampler},
+    )
+
+
+def cached(path: Path, compute) -> Any:
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+    return value
+
+
+def run_compare(
+    task: str,
+    budget_name: str,
+    methods: Sequence[str],
+    out_dir: str | Path,
+    dataset: str | None = None,
+    seeds: Sequence[int] | None = None,
+    n_envs: int | None = None,
+) -> dict:
+    """Train and evaluate every (method, seed); return the collected results (also saved)."""
+    from tqdm import tqdm
+
+    from cm_policy.training.checkpoint import load_policy
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {sorted(METHODS)}")
+    if budget_name not in BUDGETS:
+        raise ValueError(f"unknown budget {budget_name!r}; expected one of {sorted(BUDGETS)}")
+    budget = BUDGETS[budget_name]
+    seeds = tuple(seeds) if seeds else budget.seeds
+    n_envs = n_envs or budget.n_envs
+    out = Path(out_dir)
+    runs = {(m, s): out / f"{m}_s{s}" for s in seeds for m in methods}  # seed by seed
+    cfgs = {}
+    for (method, seed), run_dir in runs.items():
+        cfgs[method, seed] = training_config(task, method, budget, seed, dataset, run_dir)
+        print(f"== train {method} seed {seed} -> {run_dir}")
+        train_run(cfgs[method, seed], run_dir)
+
+    logs = {key: read_log(run_dir) for key, run_dir in runs.items()}
+    # Equal wall time: the fastest method's training time is everyone's budget, from per-step
+    # costs measured side by side (the long runs' clocks include whatever else ran meanwhile).
+    costs = cached(
+        out / "step_costs.json",
+        lambda: step_costs({m: cfgs[m, seeds[0]] for m in methods}),
+    )
+    wall_budget = min(costs[m] for m in methods) * budget.steps
+    torch.set_num_threads(1)  # the env workers use the other core
+    n_work = sum(len(METHODS[m][1]) + 1 for m in methods) * len(seeds)
+    bar = tqdm(total=n_work, desc="evaluate")
+    results: dict[str, Any] = {"runs": {}}
+    for (method, seed), run_dir in runs.items():
+        k = seeds.index(seed)
+        test_seeds = list(
+            range(
+                TEST_START + k * budget.episodes_per_seed,
+                TEST_START + (k + 1) * budget.episodes_per_seed,
+            )
+        )
+        policy = load_policy(run_dir, weights="ema")
+        entries = {}
+        for sampler in METHODS[method][1]:
+            tag = sampler.replace(":", "")
+            metrics = evaluate_entry(
+                policy, sampler, test_seeds, run_dir / "compare" / tag, n_envs, budget.max_steps
+            )
+            latency = cached(
+                run_dir / "compare" / f"{tag}_latency.json",
+                lambda s=sampler, p=policy: {"latency_ms": chunk_latency_ms(p, s)},
+            )
+            entries[sampler] = {**metrics, **latency}
+            bar.update()
+        headline = HEADLINE[method]
+        degeneracy = cached(
+            run_dir / "compare" / "spread.json",
+            lambda h=headline, p=policy, c=cfgs[method, seed]: chunk_spread(p, c, h),
+        )
+        walls = checkpoint_walls(run_dir, logs[method, seed])
+        affordable = wall_budget / costs[method]  # steps this method makes in the budget
+        snap = max([s for s in walls if s <= affordable * 1.001] or [min(walls)])
+        snap_policy = load_policy(run_dir / "checkpoints" / f"step_{snap:07d}", weights="ema")
+        equal_wall = evaluate_entry(
+            snap_policy,
+            headline,
+            test_seeds,
+            run_dir / "compare" / f"wall_step{snap}_{headline.replace(':', '')}",
+            n_envs,
+            budget.max_steps,
+        )
+        bar.update()
+        results["runs"][f"{method}_s{seed}"] = {
+            "method": method,
+            "seed": seed,
+            "entries": entries,
+            "train": grad_stats(logs[method, seed]),
+            "degeneracy": {"sampler": headline, **degeneracy},
+            "equal_wall": {"step": snap, "affordable_steps": affordable, **equal_wall},
+        }
+    bar.close()
+    results.update(
+        {
+            "task": task,
+            "out_dir": str(out),
+            "budget": budget_name,
+            "budget_detail": budget.__dict__ | {"seeds": list(seeds), "n_envs": n_envs},
+            "methods": list(methods),
+            "wall_budget_s": wall_budget,
+            "step_costs_s": costs,
+            "machine": describe_machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        }
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def pooled(entries: Sequence[dict]) -> dict:
+    """Pool per-seed evaluations (each with n episodes) into one mean and a 95% interval."""
+    n = sum(e["n_episodes"] for e in entries)
+    score = sum(e["mean_score"] * e["n_episodes"] for e in entries) / n
+    success = sum(e["success_rate"] * e["n_episodes"] for e in entries) / n
+    # Interval half-widths from the per-seed intervals, combined as independent estimates.
+    half = math.sqrt(
+        sum(
+            ((e["mean_score_ci95"][1] - e["mean_score_ci95"][0]) / 2 * e["n_episodes"] / n) ** 2
+            for e in entries
+        )
+    )
+    return {
+        "n": n,
+        "score": score,
+        "score_half": half,
+        "success": success,
+        "success_half": 1.959964 * math.sqrt(max(success * (1 - success), 1e-12) / n),
+        "score_seed_std": float(np.std([e["mean_score"] for e in entries], ddof=1))
+        if len(entries) > 1
+        else math.nan,
+        "success_seed_std": float(np.std([e["success_rate"] for e in entries], ddof=1))
+        if len(entries) > 1
+        else math.nan,
+    }
+
+
+LOSS_KEYS = ("loss_fm", "loss_sd", "loss_eps", "loss_mf", "loss_ct")
+
+
+def n_evals(sampler: str) -> int:
+    return parse_sampler(sampler)[1]
+
+
+def write_report(results: dict, results_dir: str | Path, command: str, notes: str = "") -> Path:
+    """``compare_<task>.md`` and its PNGs from :func:`run_compare`'s results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task, methods = results["task"], results["methods"]
+    runs = results["runs"]
+    by_method = {m: [r for r in runs.values() if r["method"] == m] for m in methods}
+    b = results["budget_detail"]
+    stem = f"compare_{task}"
+    lines = [
+        f"# Method comparison on {task}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {results['machine']}"
+        + (f", GPU {results['cuda']}" if results.get("cuda") else ", no GPU")
+        + ".",
+        "",
+        f"Budget `{results['budget']}`, identical for every method: model `{b['model']}`"
+        f"{' ' + ' '.join(b['overrides']) if b['overrides'] else ''}, {b['steps']} gradient "
+        f"steps at batch {b['batch_size']}, AdamW lr {b['lr']} (warm-up {b['warmup_steps']}, "
+        f"cosine), same data and observation encoder; training seeds {b['seeds']}. "
+        f"Each training seed is evaluated on its own {b['episodes_per_seed']} test seeds "
+        f"(from {TEST_START}), the same ones for every method, so each row pools "
+        f"{b['episodes_per_seed'] * len(b['seeds'])} episodes. EMA weights, "
+        f"{b['max_steps']} env steps per episode. mean_score = mean of each episode's max "
+        "reward; success = coverage > 0.95 at some step. +- is the 95% interval of the pooled "
+        "estimate; 'seed spread' is the standard deviation of the per-seed means. Latency: "
+        "median `predict_action` time for one observation (batch 1, 1 torch thread).",
+        "",
+        "## Same number of gradient steps",
+        "",
+        "| method | sampler | NFE | mean_score | seed spread | success | latency / chunk (ms) "
+        "| train step (ms) | training wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    curves: dict[str, list[tuple[int, float, float, float]]] = {}
+    for m in methods:
+        rs = by_method[m]
+        wall = np.mean([r["train"]["wall_s"] for r in rs]) / 60
+        for sampler in METHODS[m][1]:
+            entries = [r["entries"][sampler] for r in rs]
+            p = pooled(entries)
+            latency = float(np.mean([e["latency_ms"] for e in entries]))
+            curves.setdefault(m, []).append(
+                (n_evals(sampler), p["score"], p["score_half"], latency)
+            )
+            lines.append(
+                f"| {m} | {sampler_label(m, sampler)} | {n_evals(sampler)} | "
+                f"{p['score']:.3f} +- {p['score_half']:.3f} | {p['score_seed_std']:.3f} | "
+                f"{p['success']:.3f} +- {p['success_half']:.3f} | {latency:.2f} | "
+                f"{1000 * results['step_costs_s'][m]:.0f} | {wall:.1f} |"
+            )
+    lines += [
+        "",
+        "## Equal training wall time",
+        "",
+        f"Every method gets the fastest method's training time "
+        f"({results['wall_budget_s'] / 60:.1f} min = its step time x {b['steps']} steps): "
+        "its latest checkpoint within that time (checkpoints every "
+        f"{max(1, b['steps'] // b['n_snapshots'])} steps; EMA weights, the learning rate not "
+        "yet annealed) is evaluated at the method's usual sampler. Step times ('train step' "
+        "above) are measured side by side in one process, the methods taking turns, so they "
+        "compare fairly even where the long runs' wall clocks ('training wall') were stretched "
+        "by other work on the machine.",
+        "",
+        "| method | sampler | steps reached (per seed) | mean_score | success |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        rs = by_method[m]
+        p = pooled([r["equal_wall"] for r in rs])
+        reached = ", ".join(str(r["equal_wall"]["step"]) for r in rs)
+        lines.append(
+            f"| {m} | {sampler_label(m, HEADLINE[m])} | {reached} | "
+            f"{p['score']:.3f} +- {p['score_half']:.3f} | {p['success']:.3f} |"
+        )
+    lines += [
+        "",
+        "## Stability",
+        "",
+        "Gradient norm of every training step (before any clipping; none is applied), over all "
+        "seeds' steps: median, 99th percentile, max, and the number of steps with a non-finite "
+        "gradient. Degeneracy: 64 training observations, 16 noise draws each, at the method's "
+        "usual sampler; 'spread' is the std of the sampled chunks across draws (normalised "
+        "action units, mean over observations and chunk elements): a collapsed generator gives "
+        "~0 whatever the noise; 'RMSE to demo' is the error of the draws against the "
+        "demonstrated chunk.",
+        "",
+        "| method | grad median | grad p99 | grad max | non-finite steps | spread | RMSE to demo |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        rs = by_method[m]
+        stats = [r["train"] for r in rs]
+        lines.append(
+            f"| {m} | {np.median([s['grad_median'] for s in stats]):.3g} | "
+            f"{max(s['grad_p99'] for s in stats):.3g} | {max(s['grad_max'] for s in stats):.3g} | "
+            f"{sum(s['nonfinite_steps'] for s in stats)} | "
+            f"{np.mean([r['degeneracy']['spread'] for r in rs]):.3f} | "
+            f"{np.mean([r['degeneracy']['rmse_to_demo'] for r in rs]):.3f} |"
+        )
+    lines += ["", f"![gradient norms]({stem}_grad.png)", "", f"![loss terms]({stem}_loss.png)"]
+    lines += ["", f"![score vs steps and latency]({stem}_score.png)", ""]
+    if notes:
+        lines += ["## What the numbers show", "", notes.strip(), ""]
+
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    fig_l, ax_l = plt.subplots(figsize=(9, 4))
+    for m in methods:
+        for r in by_method[m]:
+            log = read_log(Path(results.get("out_dir", ".")) / f"{m}_s{r['seed']}")
+            if not log:
+                continue
+            steps = np.array([x["step"] for x in log])
+            g = np.array([x["grad_norm"] for x in log], dtype=float)
+            label = m if r["seed"] == b["seeds"][0] else None
+            ax.plot(steps, g, color=colors[m], alpha=0.5, lw=0.6, label=label)
+            for key, style in zip(LOSS_KEYS, ("-", "--", "-", "-", "-"), strict=True):
+                if key in log[0]:
+                    v = np.array([x[key] for x in log], dtype=float)
+                    k = min(25, len(v))
+                    smooth = np.convolve(v, np.ones(k) / k, mode="valid")
+                    ax_l.plot(
+                        steps[k - 1 :],
+                        smooth,
+                        color=colors[m],
+                        ls=style,
+                        lw=0.9,
+                        label=f"{m} {key}" if label else None,
+                    )
+    for a, title in ((ax, "gradient norm per step"), (ax_l, "raw loss terms (25-step mean)")):
+        a.set_yscale("log")
+        a.set_xlabel("training step")
+        a.set_title(title)
+        a.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}_grad.png", dpi=110)
+    fig_l.tight_layout()
+    fig_l.savefig(out / f"{stem}_loss.png", dpi=110)
+    plt.close(fig)
+    plt.close(fig_l)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m, pts in curves.items():
+        pts = sorted(pts)
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        err = [p[2] for p in pts]
+        lat = [p[3] for p in pts]
+        axes[0].errorbar(x, y, yerr=err, marker="o", capsize=3, color=colors[m], label=m)
+        axes[1].errorbar(lat, y, yerr=err, marker="o", capsize=3, color=colors[m], label=m)
+    axes[0].set_xlabel("network evaluations per action chunk")
+    axes[1].set_xlabel("latency per action chunk, batch 1 (ms)")
+    for a in axes:
+        a.set_xscale("log")
+        a.set_ylabel("mean_score")
+        a.set_ylim(0, 1)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}_score.png", dpi=110)
+    plt.close(fig)
+    path = out / f"{stem}.md"
+    path.write_text("\n".join(lines))
+    return path

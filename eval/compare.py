@@ -1,0 +1,59 @@
+"""Train every selected method on one task with the same budget, evaluate, and report.
+
+Writes eval/results/compare_<task>.md and its PNGs (gradient norms, loss terms, score vs steps and
+vs latency). Resumable: rerun the same command after an interruption and finished work is reused.
+
+Usage:
+  python eval/compare.py --task pusht_keypoints --budget small \
+      --dataset ../shared/data/pusht/pusht_cchi_v7_replay.zarr
+  python eval/compare.py --task pusht_keypoints --budget large --dataset ...   # on a GPU
+  options: --methods isd,ddpm,... --seeds 0,1 --n-envs 8 --out-dir DIR --results DIR --notes FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from cm_policy.evaluation.compare import BUDGETS, METHODS, run_compare, write_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--task", default="pusht_keypoints")
+    parser.add_argument("--budget", default="small", choices=sorted(BUDGETS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="", help="comma-separated training seeds")
+    parser.add_argument("--dataset", default=None, help="replay buffer (default: the task's)")
+    parser.add_argument("--n-envs", type=int, default=None)
+    parser.add_argument("--out-dir", default=None, help="default outputs/compare_<task>_<budget>")
+    parser.add_argument("--results", default="eval/results")
+    parser.add_argument("--notes", default=None, help="markdown interpreting the results")
+    args = parser.parse_args()
+    out_dir = args.out_dir or f"outputs/compare_{args.task}_{args.budget}"
+    results = run_compare(
+        args.task,
+        args.budget,
+        [m for m in args.methods.split(",") if m],
+        out_dir,
+        dataset=args.dataset,
+        seeds=[int(s) for s in args.seeds.split(",") if s],
+        n_envs=args.n_envs,
+    )
+    notes = Path(args.notes).read_text() if args.notes else ""
+    shown, skip = [], False  # the command as run, without the notes file
+    for arg in sys.argv:
+        if skip or arg.startswith("--notes"):
+            skip = arg == "--notes"
+            continue
+        shown.append(shlex.quote(arg))
+    path = write_report(results, args.results, "python " + " ".join(shown), notes)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
