@@ -20,9 +20,10 @@ commands:
   data generate pusht [n=100 out=data/pusht_generated.zarr seed=0 workers=2 images=true]
                                       plan PushT demonstrations offline (keeps successful ones)
   train [task=... method=... model=... key=value ...]
-                                      train a policy (Hydra overrides of config/config.yaml)
-  eval checkpoint=PATH [steps=1 n_episodes=50 start_seed=100000 n_envs=2 n_videos=4 out=DIR]
-                                      closed-loop evaluation of a checkpoint on the test seeds
+                                      train a policy (Hydra overrides of config/config.yaml);
+                                      data-parallel under torchrun --nproc_per_node=N
+  eval checkpoint=PATH [steps=1 n_episodes=50 start_seed=100000 n_envs=2 n_videos=4 out=DIR
+       sampler=ddpm|ddim]             closed-loop evaluation of a checkpoint on the test seeds
   run [key=value ...]                 the end-to-end job: demos -> train -> eval -> report
   serve checkpoint=PATH [host=127.0.0.1 port=8765 max_batch=64 batch_wait_ms=2 threads=1]
                                       serve a checkpoint as a WebSocket action server
@@ -103,6 +104,7 @@ def cmd_eval(args: list[str]) -> dict:
             "max_steps": int,
             "out": str,
             "weights": str,
+            "sampler": str,
         },
     )
     if "checkpoint" not in opts:
@@ -113,9 +115,14 @@ def cmd_eval(args: list[str]) -> dict:
     folder = resolve_checkpoint(opts["checkpoint"])
     weights = opts.get("weights", "ema")
     policy = load_policy(folder, weights=weights)
+    if "sampler" in opts:  # the diffusion baseline's ddpm | ddim
+        if not hasattr(policy.method, "sampler"):
+            raise SystemExit(f"error: method {policy.method.name} has no sampler= choice")
+        policy.method.sampler = opts["sampler"]
     steps = opts.get("steps", policy.method.default_steps)
     start, n = opts.get("start_seed", 100000), opts.get("n_episodes", 50)
-    out = Path(opts.get("out", folder.parent.parent / "eval" / f"{folder.name}_steps{steps}"))
+    tag = f"{opts['sampler']}{steps}" if "sampler" in opts else f"steps{steps}"
+    out = Path(opts.get("out", folder.parent.parent / "eval" / f"{folder.name}_{tag}"))
     metrics = evaluate_policy(
         policy,
         list(range(start, start + n)),
@@ -134,10 +141,15 @@ def cmd_eval(args: list[str]) -> dict:
 def cmd_run(args: list[str]) -> Path:
     from cm_policy.data.pusht_demos import generate_pusht_dataset
     from cm_policy.training.checkpoint import load_policy
+    from cm_policy.training.distributed import world_size
     from cm_policy.training.plots import plot_learning_curves
     from cm_policy.training.report import write_report
     from cm_policy.training.trainer import run_eval, train
 
+    if world_size() > 1:
+        raise SystemExit(
+            "error: cm-policy run is a single-process job; under torchrun, use cm-policy train"
+        )
     cfg = compose("quickstart", args)
     dataset = Path(cfg.task.dataset_path)
     if not dataset.exists():
