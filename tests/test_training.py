@@ -135,3 +135,18 @@ def test_run_job_end_to_end_on_generated_demos(tmp_path: Path, capsys: pytest.Ca
     main(["data", "info", str(dataset)])
     info = capsys.readouterr().out
     assert "episodes:  2" in info and "data/keypoint" in info
+
+
+def test_float_images_convert_to_uint8_by_chunks_and_reject_nan():
+    import numpy as np
+
+    from cm_policy.tasks import _as_uint8
+
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(-20, 280, (70, 4, 4, 3)).astype(np.float32)
+    got = _as_uint8(pixels, chunk=16)
+    assert got.dtype == np.uint8
+    assert (got == np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).all()
+    pixels[37, 1, 2, 0] = np.nan
+    with pytest.raises(DatasetError, match=r"NaN or inf pixels .*step 37"):
+        _as_uint8(pixels, chunk=16)

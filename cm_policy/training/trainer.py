@@ -69,8 +69,14 @@ class TrainingData:
 
     def __init__(self, cfg: DictConfig):
         path = Path(cfg.task.dataset_path)
-        buffer = ReplayBuffer.load(path, keys=dataset_keys(cfg.task))
-        self.arrays = dataset_obs(cfg.task, {k: buffer[k] for k in buffer.keys})
+        keys = dataset_keys(cfg.task)
+        # Image arrays stay on disk until dataset_obs converts them a chunk at a time: loading
+        # the human PushT images (float32) whole would take 2.8 GB before the uint8 copy.
+        lazy = ReplayBuffer.open(path, keys=keys)
+        images = [k for k in keys if len(lazy[k].shape) >= 4]
+        buffer = ReplayBuffer.load(path, keys=[k for k in keys if k not in images])
+        raw = {k: buffer[k] for k in buffer.keys} | {k: lazy[k] for k in images}
+        self.arrays = dataset_obs(cfg.task, raw)
         self.arrays["action"] = np.asarray(buffer["action"], dtype=np.float32)
         self.n_episodes = buffer.n_episodes
         val_mask = get_val_mask(buffer.n_episodes, cfg.training.val_ratio, cfg.seed)
