@@ -19,6 +19,10 @@ commands:
   data info PATH                      keys, shapes, episodes and length statistics of a dataset
   data generate pusht [n=100 out=data/pusht_generated.zarr seed=0 workers=2 images=true]
                                       plan PushT demonstrations offline (keeps successful ones)
+  data generate robomimic task=lift|can|square [n=200 out=data/robomimic_<task>.hdf5 seed=0
+       images=false]                  scripted-expert demos in robomimic's HDF5 layout (+ .zarr)
+  data convert robomimic IN.hdf5 OUT.zarr [abs_action=false image=false filter_key=NAME]
+                                      a robomimic HDF5 dataset as a zarr buffer for training
   train [task=... method=... model=... key=value ...]
                                       train a policy (Hydra overrides of config/config.yaml);
                                       data-parallel under torchrun --nproc_per_node=N
@@ -82,7 +86,45 @@ def cmd_data(args: list[str]) -> None:
             images=opts.get("images", True),
         )
         return
-    raise SystemExit("usage: cm-policy data info PATH | cm-policy data generate pusht [k=v ...]")
+    if args[:2] == ["generate", "robomimic"]:
+        generate_robomimic(args[2:])
+        return
+    if args[:2] == ["convert", "robomimic"] and len(args) >= 4:
+        convert_robomimic(args[2], args[3], args[4:])
+        return
+    raise SystemExit(
+        "usage: cm-policy data info PATH | cm-policy data generate pusht|robomimic [k=v ...] | "
+        "cm-policy data convert robomimic IN.hdf5 OUT.zarr [k=v ...]"
+    )
+
+
+def generate_robomimic(args: list[str]) -> None:
+    opts = parse_pairs(
+        args, {"task": str, "n": int, "out": str, "seed": int, "images": bool, "overwrite": bool}
+    )
+    if "task" not in opts:
+        raise SystemExit("error: cm-policy data generate robomimic needs task=lift|can|square")
+    from cm_policy.envs.robomimic_experts import generate_robomimic_dataset
+
+    task = opts["task"]
+    generate_robomimic_dataset(
+        task,
+        opts.get("out", f"data/robomimic_{task}.hdf5"),
+        n_episodes=opts.get("n", 200),
+        seed=opts.get("seed", 0),
+        images=opts.get("images", False),
+        overwrite=opts.get("overwrite", False),
+    )
+
+
+def convert_robomimic(source: str, out: str, args: list[str]) -> None:
+    opts = parse_pairs(
+        args, {"abs_action": bool, "image": bool, "filter_key": str, "overwrite": bool}
+    )
+    from cm_policy.data.robomimic_hdf5 import convert_to_zarr
+
+    stats = convert_to_zarr(source, out, **opts)
+    print(json.dumps(stats, indent=2))
 
 
 def cmd_train(args: list[str]) -> Path:
@@ -128,7 +170,7 @@ def cmd_eval(args: list[str]) -> dict:
         list(range(start, start + n)),
         out,
         steps=steps,
-        max_steps=opts.get("max_steps", 300),
+        max_steps=opts.get("max_steps", policy.spec["task"].get("max_steps", 300)),
         n_envs=opts.get("n_envs", 2),
         n_videos=opts.get("n_videos", 4),
         extra={"checkpoint": str(folder), "weights": weights},

@@ -68,7 +68,7 @@ def run_episodes(
     n_envs: int = 2,
     n_videos: int = 0,
     video_dir: str | Path | None = None,
-    fps: int = 10,
+    fps: int | None = None,
     progress: bool = True,
     predict_kwargs: Mapping[str, Any] | None = None,
     vector_env: gym.vector.VectorEnv | None = None,
@@ -80,6 +80,7 @@ def run_episodes(
     n_envs = max(1, min(n_envs, len(seeds)))
     envs = vector_env or make_vector_env(env_fn, n_envs)
     n_envs = envs.num_envs
+    fps = fps or int(envs.metadata.get("render_fps", 10))  # videos play at the control rate
     kwargs = dict(predict_kwargs or {})
     results: list[EpisodeResult] = []
     bar = tqdm(total=len(seeds), desc="eval", unit="ep", disable=not progress)

@@ -1,0 +1,516 @@
+"""Scripted experts for robomimic's Lift, Can and Square, and a demonstration generator.
+
+Neither robosuite nor robomimic ships scripted experts, and robomimic's human datasets cannot be
+downloaded here, so demonstrations are made by waypoint state machines that read the privileged
+object poses from the simulator: approach above the object, descend, grasp, lift, carry (to the
+bin, over the peg), release. Each episode draws its own waypoint offsets, approach heights, speeds,
+grasp pauses and a little action noise, so that trajectories vary as human demos do. Actions are
+robosuite's 7-D delta OSC_POSE commands, as in robomimic's datasets; only successful episodes are
+kept, in robomimic's HDF5 layout, and the attempt success rate is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cm_policy.envs.robosuite_env import (
+    ARM,
+    TASKS,
+    RobosuiteEnv,
+    matrix_to_axis_angle,
+)
+
+# robosuite's OSC_POSE turns a rotation action of 1 into 0.5 rad (robomimic's controller; a
+# position action of 1 into 5 cm).
+ROT_SCALE = 0.5
+OPEN, CLOSED = -1.0, 1.0
+# The gripper's "down" orientation: fingers close along world y, the approach axis points down.
+DOWN = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+# Where the Can expert drops the can: this far inside the near corner of the can's bin (m).
+BIN_MARGIN = np.array([0.045, 0.055])
+# The Panda's last (wrist) joint range is +-2.9 rad; the Square expert keeps this margin inside.
+WRIST_LIMIT = 2.75
+MAX_TURN = 1.0  # rad: how far ahead of the gripper's yaw a turning goal is set
+# Expert episodes end at the task's success or after these many steps (failed attempts).
+EXPERT_MAX_STEPS = {"lift": 200, "can": 400, "square": 400}
+# Attempts are bounded so that a broken expert fails loudly instead of running forever.
+MAX_ATTEMPTS_PER_EPISODE = 4
+
+
+def yaw_of_quat_wxyz(quat: np.ndarray) -> float:
+    w, x, y, z = (float(v) for v in quat)
+    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+def wrap(angle: float, period: float) -> float:
+    """``angle`` shifted by multiples of ``period`` into [-period/2, period/2)."""
+    return (angle + period / 2) % period - period / 2
+
+
+def rot_z(yaw: float) -> np.ndarray:
+    c, s = math.cos(yaw), math.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def gripper_yaw(rotation: np.ndarray) -> float:
+    """The yaw of a gripper orientation relative to :data:`DOWN` (its x axis is world y)."""
+    x_axis = rotation[:, 0]
+    return math.atan2(-x_axis[0], x_axis[1])
+
+
+@dataclass
+class Style:
+    """The per-episode randomisation of an expert."""
+
+    speed: float  # largest position action (fraction of 5 cm per step)
+    gain: float  # position action per metre of error (an action of 1 moves the target 5 cm)
+    approach_height: float  # above the grasp point before descending (m)
+    grasp_offset: np.ndarray  # added to the grasp point (m)
+    close_steps: int  # steps holding still while the fingers close
+    release_steps: int
+    carry_height: float  # lift / carry height above the task's reference (m)
+    noise: float  # std of the Gaussian noise on position actions
+    place_offset: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, task: str) -> Style:
+        grasp_xy = {"lift": 0.004, "can": 0.004, "square": 0.003}[task]
+        return cls(
+            speed=float(rng.uniform(0.5, 1.0)),
+            gain=float(rng.uniform(8.0, 14.0)),
+            approach_height=float(rng.uniform(0.05, 0.12)),
+            grasp_offset=np.array(
+                [*rng.uniform(-grasp_xy, grasp_xy, 2), rng.uniform(-0.005, 0.005)]
+            ),
+            close_steps=int(rng.integers(6, 11)),
+            release_steps=int(rng.integers(5, 9)),
+            carry_height=float(rng.uniform(0.0, 0.05)),
+            noise=float(rng.uniform(0.0, 0.08)),
+            place_offset=rng.uniform(-0.02, 0.02, 2),
+        )
+
+
+class WaypointExpert:
+    """Base class: servo the gripper to a target position and yaw; phases live in subclasses."""
+
+    task = ""
+
+    def __init__(self, env: RobosuiteEnv, rng: np.random.Generator):
+        if env.abs_action:
+            raise ValueError(
+                "the scripted experts command delta actions: build the env without abs_action"
+            )
+        self.env = env
+        self.rng = rng
+        self.style = Style.draw(rng, self.task)
+        self.phase = 0
+        self.phase_steps = 0
+        self.grip = OPEN
+
+    # --- simulator reads (privileged) ---------------------------------------------------------
+    @property
+    def sim(self) -> Any:
+        return self.env.sim_env.sim
+
+    def eef_pos(self) -> np.ndarray:
+        return np.array(self.sim.data.site_xpos[self.env.sim_env.robots[0].eef_site_id[ARM]])
+
+    def eef_rot(self) -> np.ndarray:
+        site = self.env.sim_env.robots[0].eef_site_id[ARM]
+        return np.array(self.sim.data.site_xmat[site]).reshape(3, 3)
+
+    def body_pos(self, body_id: int) -> np.ndarray:
+        return np.array(self.sim.data.body_xpos[body_id])
+
+    def body_yaw(self, body_id: int) -> float:
+        return yaw_of_quat_wxyz(self.sim.data.body_xquat[body_id])
+
+    # --- control ------------------------------------------------------------------------------
+    def servo(self, target: np.ndarray, yaw: float) -> tuple[np.ndarray, float]:
+        """A delta action towards ``target`` and the gripper yaw; also the position error."""
+        error = target - self.eef_pos()
+        move = error * self.style.gain
+        norm = np.linalg.norm(move)
+        if norm > self.style.speed:
+            move *= self.style.speed / norm
+        move = move + self.rng.normal(0.0, self.style.noise, 3) * min(1.0, norm)
+        goal = rot_z(yaw) @ DOWN
+        rot_error = matrix_to_axis_angle(goal @ self.eef_rot().T)
+        turn = np.clip(rot_error / ROT_SCALE, -1.0, 1.0)
+        action = np.concatenate([np.clip(move, -1.0, 1.0), turn, [self.grip]])
+        return action, float(np.linalg.norm(error))
+
+    def next_phase(self) -> None:
+        self.phase += 1
+        self.phase_steps = 0
+
+    def act(self) -> np.ndarray:
+        action = self.policy()
+        self.phase_steps += 1
+        return action
+
+    def policy(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def grasp_point(self) -> np.ndarray:
+        """Where to grasp the object now (objects settle during the first steps)."""
+        raise NotImplementedError
+
+    def grasp_sequence(self, yaw: float, lift_to: float) -> np.ndarray | None:
+        """Phases 0-3: above the object, descend, close, lift; None once lifted. The grasp
+        point follows the object until the fingers start closing."""
+        s = self.style
+        p = self.phase
+        if p < 2:
+            self.grasp = self.grasp_point()
+        target = self.grasp + s.grasp_offset
+        if p == 0:  # above the object, turning to the grasp yaw
+            self.grip = OPEN
+            above = target + np.array([0.0, 0.0, s.approach_height])
+            action, err = self.servo(above, yaw)
+            yaw_err = abs(wrap(gripper_yaw(self.eef_rot()) - yaw, 2 * math.pi))
+            if (err < 0.015 and yaw_err < 0.08) or self.phase_steps > 80:
+                self.next_phase()
+            return action
+        if p == 1:  # straight down to the grasp point
+            action, err = self.servo(target, yaw)
+            if err < 0.012 or self.phase_steps > 40:
+                self.next_phase()
+            return action
+        if p == 2:  # close the fingers, holding still
+            self.grip = CLOSED
+            action, _ = self.servo(target, yaw)
+            if self.phase_steps >= s.close_steps:
+                self.next_phase()
+            return action
+        if p == 3:  # lift
+            lifted = np.array([*target[:2], lift_to])
+            action, err = self.servo(lifted, yaw)
+            if err < 0.02 or self.phase_steps > 60:
+                self.next_phase()
+            return action
+        return None
+
+
+class LiftExpert(WaypointExpert):
+    """Grasp the cube (yaw matched modulo 90 degrees) and lift it."""
+
+    task = "lift"
+
+    def __init__(self, env: RobosuiteEnv, rng: np.random.Generator):
+        super().__init__(env, rng)
+        self.cube = env.sim_env.cube_body_id
+        self.yaw = wrap(self.body_yaw(self.cube), math.pi / 2)
+        self.grasp = self.grasp_point()
+
+    def grasp_point(self) -> np.ndarray:
+        return self.body_pos(self.cube)
+
+    def policy(self) -> np.ndarray:
+        lift_to = self.grasp[2] + 0.12 + self.style.carry_height
+        action = self.grasp_sequence(self.yaw, lift_to)
+        if action is None:  # hold up high until the episode ends
+            action, _ = self.servo(np.array([*self.grasp[:2], lift_to]), self.yaw)
+        return action
+
+
+class CanExpert(WaypointExpert):
+    """Grasp the can from above, carry it over its bin, lower, release and retreat upwards."""
+
+    task = "can"
+
+    def __init__(self, env: RobosuiteEnv, rng: np.random.Generator):
+        super().__init__(env, rng)
+        sim_env = env.sim_env
+        self.can = sim_env.obj_body_id["Can"]
+        self.grasp = self.grasp_point()
+        self.yaw = float(rng.uniform(-0.3, 0.3))  # a cylinder: any yaw grasps it
+        # The can's bin spans x in [bin2_x, bin2_x + w/2], y in [bin2_y, bin2_y + d/2]; its centre
+        # (robosuite's target placement) is at the edge of the Panda's reach, so the expert aims
+        # at the bin's quarter nearest to the robot.
+        corner = np.asarray(sim_env.bin2_pos[:2], dtype=np.float64)
+        self.bin_xy = corner + BIN_MARGIN + self.style.place_offset * 0.75
+        self.bin_z = float(sim_env.bin2_pos[2])
+
+    def grasp_point(self) -> np.ndarray:
+        return self.body_pos(self.can)
+
+    def policy(self) -> np.ndarray:
+        s = self.style
+        carry_z = self.bin_z + 0.17 + s.carry_height
+        action = self.grasp_sequence(self.yaw, carry_z)
+        if action is not None:
+            return action
+        p = self.phase - 4
+        if p == 0:  # carry over the bin
+            action, err = self.servo(np.array([*self.bin_xy, carry_z]), self.yaw)
+            if err < 0.025 or self.phase_steps > 80:
+                self.next_phase()
+            return action
+        if p == 1:  # lower into the bin
+            action, err = self.servo(np.array([*self.bin_xy, self.bin_z + 0.1]), self.yaw)
+            if err < 0.02 or self.phase_steps > 40:
+                self.next_phase()
+            return action
+        if p == 2:  # release
+            self.grip = OPEN
+            action, _ = self.servo(np.array([*self.bin_xy, self.bin_z + 0.1]), self.yaw)
+            if self.phase_steps >= s.release_steps:
+                self.next_phase()
+            return action
+        action, _ = self.servo(np.array([*self.bin_xy, carry_z]), self.yaw)  # retreat
+        return action
+
+
+class SquareExpert(WaypointExpert):
+    """Grasp the square nut by its handle, square it to the peg, lower it over the peg, release."""
+
+    task = "square"
+
+    def __init__(self, env: RobosuiteEnv, rng: np.random.Generator):
+        super().__init__(env, rng)
+        sim_env = env.sim_env
+        nut = sim_env.nuts[0]
+        self.nut = sim_env.obj_body_id[nut.name]
+        self.handle_site = self.sim.model.site_name2id(nut.important_sites["handle"])
+        self.peg = np.array(self.sim.data.body_xpos[sim_env.peg1_body_id])
+        # Fingers close across the handle, which runs along the nut's x axis.
+        self.yaw = wrap(self.body_yaw(self.nut), math.pi)
+        self.style.grasp_offset[:2] *= 0.5
+        self.grasp = self.grasp_point()
+        self.carry_yaw: float | None = None
+        self.yaw_now = 0.0
+
+    def grasp_point(self) -> np.ndarray:
+        return np.array(self.sim.data.site_xpos[self.handle_site])
+
+    def plan_carry_yaw(self) -> float:
+        """The gripper yaw to carry the nut at: the nut turned so that its handle points towards
+        the robot (the peg is near the edge of the arm's reach, and the gripper holds the handle,
+        5 cm from the nut's centre), else sideways, within the wrist joint's range."""
+        nut_yaw = self.body_yaw(self.nut)
+        yaw = gripper_yaw(self.eef_rot())
+        robot = self.env.sim_env.robots[0]
+        wrist = float(self.sim.data.qpos[robot._ref_joint_pos_indexes][-1])
+        for nut_target in (math.pi, math.pi / 2, -math.pi / 2):
+            turn = wrap(nut_target - nut_yaw, 2 * math.pi)
+            # The wrist joint turns against the gripper's yaw (about one for one, pointing down).
+            for candidate in sorted((turn, turn - 2 * math.pi, turn + 2 * math.pi), key=abs):
+                if abs(wrist - candidate) < WRIST_LIMIT:
+                    return yaw + candidate
+        return yaw
+
+    def policy(self) -> np.ndarray:
+        s = self.style
+        peg_top = self.peg[2] + 0.1
+        carry_z = peg_top + 0.08 + s.carry_height
+        action = self.grasp_sequence(self.yaw, carry_z)
+        if action is not None:
+            return action
+        p = self.phase - 4
+        if self.carry_yaw is None:
+            self.carry_yaw = self.plan_carry_yaw()
+            self.yaw_now = gripper_yaw(self.eef_rot())
+        # The planned turn can exceed 180 degrees, where the shortest rotation to the goal would
+        # turn the wrist the other way into its limit: follow the yaw unwrapped, and servo to a
+        # goal at most MAX_TURN ahead along the planned direction.
+        self.yaw_now += wrap(gripper_yaw(self.eef_rot()) - self.yaw_now, 2 * math.pi)
+        yaw_goal = self.yaw_now + float(np.clip(self.carry_yaw - self.yaw_now, -MAX_TURN, MAX_TURN))
+        # Where the gripper must be for the nut's centre to sit on the peg axis.
+        offset = self.eef_pos()[:2] - self.body_pos(self.nut)[:2]
+        over_peg = self.peg[:2] + offset
+        if p == 0:  # carry over the peg, squaring the nut
+            action, err = self.servo(np.array([*over_peg, carry_z]), yaw_goal)
+            nut_err = np.linalg.norm(self.body_pos(self.nut)[:2] - self.peg[:2])
+            if (err < 0.01 and nut_err < 0.004) or self.phase_steps > 150:
+                self.next_phase()
+            return action
+        if p == 1:  # lower the nut down the peg
+            nut_z = self.body_pos(self.nut)[2]
+            lower = np.array([*over_peg, self.eef_pos()[2] - 0.03])
+            action, _ = self.servo(lower, yaw_goal)
+            if nut_z < self.peg[2] - 0.01 or self.phase_steps > 80:
+                self.next_phase()
+            return action
+        if p == 2:  # release
+            self.grip = OPEN
+            action, _ = self.servo(self.eef_pos(), gripper_yaw(self.eef_rot()))
+            if self.phase_steps >= s.release_steps:
+                self.next_phase()
+            return action
+        up = np.array([*self.eef_pos()[:2], carry_z])
+        action, _ = self.servo(up, gripper_yaw(self.eef_rot()))
+        return action
+
+
+EXPERTS: dict[str, type[WaypointExpert]] = {
+    "lift": LiftExpert,
+    "can": CanExpert,
+    "square": SquareExpert,
+}
+
+
+@dataclass
+class ExpertEpisode:
+    seed: int
+    success: bool
+    states: np.ndarray
+    actions: np.ndarray
+    obs: dict[str, np.ndarray]
+    next_obs: dict[str, np.ndarray]
+    rewards: np.ndarray
+    dones: np.ndarray
+    model_xml: str
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.actions)
+
+
+def _stack(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([f[k] for f in frames]) for k in frames[0]}
+
+
+def run_expert(env: RobosuiteEnv, seed: int, max_steps: int | None = None) -> ExpertEpisode:
+    """One expert episode from initial state ``seed`` (expert randomness seeded by it too)."""
+    env.reset(seed=seed)
+    expert = EXPERTS[env.task](env, np.random.default_rng([seed, 1]))
+    max_steps = max_steps or EXPERT_MAX_STEPS[env.task]
+    states, actions, rewards, frames = [], [], [], [env.full_obs()]
+    success = False
+    for _ in range(max_steps):
+        states.append(env.get_state())
+        action = expert.act()
+        _, reward, _, _, info = env.step(action)
+        actions.append(action)
+        rewards.append(reward)
+        frames.append(env.full_obs())
+        if info["is_success"]:  # robomimic's demos also end at success
+            success = True
+            break
+    n = len(actions)
+    dones = np.zeros(n, dtype=np.int64)
+    dones[-1] = int(success)
+    return ExpertEpisode(
+        seed=seed,
+        success=success,
+        states=np.asarray(states),
+        actions=np.asarray(actions),
+        obs=_stack(frames[:-1]),
+        next_obs=_stack(frames[1:]),
+        rewards=np.asarray(rewards, dtype=np.float64),
+        dones=dones,
+        model_xml=env.get_model_xml(),
+    )
+
+
+def expert_episodes(task: str, seeds: range, images: bool = False) -> Iterator[ExpertEpisode]:
+    """Expert attempts on consecutive seeds in one env (successful or not)."""
+    env = RobosuiteEnv(task=task, obs_type="image" if images else "lowdim")
+    try:
+        for seed in seeds:
+            yield run_expert(env, seed)
+    finally:
+        env.close()
+
+
+def generate_robomimic_dataset(
+    task: str,
+    out: str | Path,
+    n_episodes: int = 200,
+    seed: int = 0,
+    images: bool = False,
+    overwrite: bool = False,
+    convert: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``n_episodes`` successful expert demos to the robomimic HDF5 file ``out``.
+
+    Attempts start from initial states ``seed, seed + 1, ...`` (keep them far from the test
+    seeds 100000..). With ``convert`` the demos are also written as a zarr ReplayBuffer beside it
+    (``out`` with the suffix ``.zarr``) for training. Returns the attempt statistics, also
+    stored in ``<out>.json``.
+    """
+    from tqdm import tqdm
+
+    from cm_policy.data.robomimic_hdf5 import RobomimicWriter, convert_to_zarr
+    from cm_policy.envs.robosuite_env import default_env_meta
+
+    if task not in TASKS:
+        raise ValueError(f"unknown robomimic task {task!r}; expected one of {sorted(TASKS)}")
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    out = Path(out)
+    zarr_out = out.with_suffix(".zarr")
+    for path in (out, zarr_out) if convert else (out,):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; remove it or pass overwrite=True")
+    started = time.perf_counter()
+    limit = MAX_ATTEMPTS_PER_EPISODE * n_episodes
+    attempts, lengths = 0, []
+    writer = RobomimicWriter(out, default_env_meta(task), overwrite=overwrite)
+    bar = tqdm(total=n_episodes, desc=f"{task} demos", unit="demo", disable=not progress)
+    episodes = expert_episodes(task, range(seed, seed + limit), images)
+    try:
+        for episode in episodes:
+            attempts += 1
+            if episode.success:
+                writer.add_demo(
+                    episode.states,
+                    episode.actions,
+                    episode.obs,
+                    episode.next_obs,
+                    episode.rewards,
+                    episode.dones,
+                    episode.model_xml,
+                )
+                lengths.append(episode.n_steps)
+                bar.update(1)
+            bar.set_postfix(success=f"{len(lengths)}/{attempts}")
+            if len(lengths) == n_episodes:
+                break
+        if len(lengths) < n_episodes:
+            raise RuntimeError(
+                f"the {task} expert succeeded in only {len(lengths)} of {attempts} attempts "
+                f"(expected {n_episodes} successes within {limit})"
+            )
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        episodes.close()
+        bar.close()
+    writer.close()
+    wall = time.perf_counter() - started
+    stats = {
+        "task": task,
+        "n_episodes": len(lengths),
+        "attempts": attempts,
+        "attempt_success_rate": len(lengths) / attempts,
+        "seeds": [seed, seed + attempts - 1],
+        "mean_length": float(np.mean(lengths)),
+        "max_length": int(max(lengths)),
+        "images": images,
+        "wall_s": wall,
+        "episodes_per_minute": len(lengths) / wall * 60,
+        "hdf5": str(out),
+    }
+    if convert:
+        convert_to_zarr(out, zarr_out, image=images, overwrite=overwrite, progress=progress)
+        stats["zarr"] = str(zarr_out)
+    out.with_suffix(".json").write_text(json.dumps(stats, indent=2))
+    print(
+        f"wrote {len(lengths)} {task} demos ({sum(lengths)} steps) to {out}"
+        + (f" and {zarr_out}" if convert else "")
+        + f": {stats['attempt_success_rate']:.0%} of {attempts} attempts succeeded, "
+        f"{stats['episodes_per_minute']:.1f} demos/min"
+    )
+    return stats
