@@ -92,6 +92,20 @@ BUDGETS = {
         n_envs=8,
         threads=1,
     ),
+    # Robomimic low-dim tasks on 2 CPU cores: robomimic's protocol (50 seeded initial states,
+    # 400 steps), one training seed.
+    "robomimic_small": Budget(
+        model="unet_tiny",
+        steps=2000,
+        batch_size=128,
+        lr=3e-4,
+        warmup_steps=100,
+        seeds=(0,),
+        episodes_per_seed=50,
+        n_envs=2,
+        max_steps=400,
+        threads=1,
+    ),
     # The same comparison at Diffusion Policy's scale, for one GPU.
     "large": Budget(
         model="unet_dp",
@@ -107,6 +121,10 @@ BUDGETS = {
 }
 
 TEST_START = 100000
+SUCCESS_RULE = {
+    "pusht": "coverage > 0.95 at some step",
+    "robomimic": "the task's own success check (its sparse reward, so mean_score = success)",
+}
 
 
 def parse_sampler(sampler: str) -> tuple[str | None, int]:
@@ -484,7 +502,9 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
         f"(from {TEST_START}), the same ones for every method, so each row pools "
         f"{b['episodes_per_seed'] * len(b['seeds'])} episodes. EMA weights, "
         f"{b['max_steps']} env steps per episode. mean_score = mean of each episode's max "
-        "reward; success = coverage > 0.95 at some step. +- is the 95% interval of the pooled "
+        "reward; success = "
+        + SUCCESS_RULE.get(task.split("_")[0], "the task's own check")
+        + ". +- is the 95% interval of the pooled "
         "estimate; 'seed spread' is the standard deviation of the per-seed means. Latency: "
         "median `predict_action` time for one observation (batch 1, 1 torch thread).",
         "",
