@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -33,6 +34,11 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None, help="default outputs/compare_<task>_<budget>")
     parser.add_argument("--results", default="eval/results")
     parser.add_argument("--notes", default=None, help="markdown interpreting the results")
+    parser.add_argument(
+        "--samplers",
+        default=None,
+        help='JSON narrowing the evaluated samplers, e.g. \'{"isd": ["1"], "ddpm": ["ddpm:100"]}\'',
+    )
     args = parser.parse_args()
     out_dir = args.out_dir or f"outputs/compare_{args.task}_{args.budget}"
     results = run_compare(
@@ -43,6 +49,7 @@ def main() -> None:
         dataset=args.dataset,
         seeds=[int(s) for s in args.seeds.split(",") if s],
         n_envs=args.n_envs,
+        samplers=json.loads(args.samplers) if args.samplers else None,
     )
     notes = Path(args.notes).read_text() if args.notes else ""
     shown, skip = [], False  # the command as run, without the notes file

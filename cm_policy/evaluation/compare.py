@@ -13,6 +13,7 @@ redone. ``eval/compare.py`` is the command line; :func:`write_report` writes the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -61,6 +62,11 @@ class Budget:
     n_snapshots: int = 5  # checkpoints kept for the equal-wall-time view
     threads: int = 2  # torch threads for training
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    # Evaluated samplers per method where not METHODS' full list (to fit a CPU budget).
+    samplers: dict[str, list[str]] | None = None
+
+    def samplers_of(self, method: str) -> list[str]:
+        return list((self.samplers or {}).get(method, METHODS[method][1]))
 
 
 BUDGETS = {
@@ -91,6 +97,14 @@ BUDGETS = {
         episodes_per_seed=250,
         n_envs=8,
         threads=1,
+        samplers={
+            "isd": ["1", "2"],
+            "ddpm": ["ddpm:100", "ddim:10"],
+            "flow": ["1", "16"],
+            "meanflow": ["1"],
+            "meanflow_noadapt": ["1"],
+            "ict": ["1"],
+        },
     ),
     # Robomimic low-dim tasks on 2 CPU cores: robomimic's protocol (50 seeded initial states,
     # 400 steps), one training seed.
@@ -338,8 +352,12 @@ def run_compare(
     dataset: str | None = None,
     seeds: Sequence[int] | None = None,
     n_envs: int | None = None,
+    samplers: dict[str, list[str]] | None = None,
 ) -> dict:
-    """Train and evaluate every (method, seed); return the collected results (also saved)."""
+    """Train and evaluate every (method, seed); return the collected results (also saved).
+
+    ``samplers`` ({method: [sampler, ...]}) narrows the budget's evaluated samplers.
+    """
     from tqdm import tqdm
 
     from cm_policy.training.checkpoint import load_policy
@@ -350,6 +368,8 @@ def run_compare(
     if budget_name not in BUDGETS:
         raise ValueError(f"unknown budget {budget_name!r}; expected one of {sorted(BUDGETS)}")
     budget = BUDGETS[budget_name]
+    if samplers:
+        budget = dataclasses.replace(budget, samplers={**(budget.samplers or {}), **samplers})
     seeds = tuple(seeds) if seeds else budget.seeds
     n_envs = n_envs or budget.n_envs
     out = Path(out_dir)
@@ -369,7 +389,7 @@ def run_compare(
     )
     wall_budget = min(costs[m] for m in methods) * budget.steps
     torch.set_num_threads(1)  # the env workers use the other core
-    n_work = sum(len(METHODS[m][1]) + 1 for m in methods) * len(seeds)
+    n_work = sum(len(budget.samplers_of(m)) + 1 for m in methods) * len(seeds)
     bar = tqdm(total=n_work, desc="evaluate")
     results: dict[str, Any] = {"runs": {}}
     for (method, seed), run_dir in runs.items():
@@ -382,7 +402,7 @@ def run_compare(
         )
         policy = load_policy(run_dir, weights="ema")
         entries = {}
-        for sampler in METHODS[method][1]:
+        for sampler in budget.samplers_of(method):
             tag = sampler.replace(":", "")
             metrics = evaluate_entry(
                 policy, sampler, test_seeds, run_dir / "compare" / tag, n_envs, budget.max_steps
@@ -401,15 +421,18 @@ def run_compare(
         walls = checkpoint_walls(run_dir, logs[method, seed])
         affordable = wall_budget / costs[method]  # steps this method makes in the budget
         snap = max([s for s in walls if s <= affordable * 1.001] or [min(walls)])
-        snap_policy = load_policy(run_dir / "checkpoints" / f"step_{snap:07d}", weights="ema")
-        equal_wall = evaluate_entry(
-            snap_policy,
-            headline,
-            test_seeds,
-            run_dir / "compare" / f"wall_step{snap}_{headline.replace(':', '')}",
-            n_envs,
-            budget.max_steps,
-        )
+        if snap == budget.steps and headline in entries:  # the fastest method: already done
+            equal_wall = {k: v for k, v in entries[headline].items() if k != "latency_ms"}
+        else:
+            snap_policy = load_policy(run_dir / "checkpoints" / f"step_{snap:07d}", weights="ema")
+            equal_wall = evaluate_entry(
+                snap_policy,
+                headline,
+                test_seeds,
+                run_dir / "compare" / f"wall_step{snap}_{headline.replace(':', '')}",
+                n_envs,
+                budget.max_steps,
+            )
         bar.update()
         results["runs"][f"{method}_s{seed}"] = {
             "method": method,
@@ -427,6 +450,7 @@ def run_compare(
             "budget": budget_name,
             "budget_detail": budget.__dict__ | {"seeds": list(seeds), "n_envs": n_envs},
             "methods": list(methods),
+            "samplers": {m: budget.samplers_of(m) for m in methods},
             "wall_budget_s": wall_budget,
             "step_costs_s": costs,
             "machine": describe_machine(),
@@ -435,6 +459,17 @@ def run_compare(
     )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def wilson(rate: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson interval of a success rate over n episodes (sound at 0 and 1 too)."""
+    centre = (rate + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def pooled(entries: Sequence[dict]) -> dict:
@@ -454,7 +489,7 @@ def pooled(entries: Sequence[dict]) -> dict:
         "score": score,
         "score_half": half,
         "success": success,
-        "success_half": 1.959964 * math.sqrt(max(success * (1 - success), 1e-12) / n),
+        "success_ci": wilson(success, n),
         "score_seed_std": float(np.std([e["mean_score"] for e in entries], ddof=1))
         if len(entries) > 1
         else math.nan,
@@ -505,7 +540,8 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
         "reward; success = "
         + SUCCESS_RULE.get(task.split("_")[0], "the task's own check")
         + ". +- is the 95% interval of the pooled "
-        "estimate; 'seed spread' is the standard deviation of the per-seed means. Latency: "
+        "mean_score, [a, b] the 95% Wilson interval of the pooled success rate; 'seed "
+        "spread' is the standard deviation of the per-seed means. Latency: "
         "median `predict_action` time for one observation (batch 1, 1 torch thread).",
         "",
         "## Same number of gradient steps",
@@ -518,7 +554,7 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
     for m in methods:
         rs = by_method[m]
         wall = np.mean([r["train"]["wall_s"] for r in rs]) / 60
-        for sampler in METHODS[m][1]:
+        for sampler in results["samplers"][m]:
             entries = [r["entries"][sampler] for r in rs]
             p = pooled(entries)
             latency = float(np.mean([e["latency_ms"] for e in entries]))
@@ -527,8 +563,9 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
             )
             lines.append(
                 f"| {m} | {sampler_label(m, sampler)} | {n_evals(sampler)} | "
-                f"{p['score']:.3f} +- {p['score_half']:.3f} | {p['score_seed_std']:.3f} | "
-                f"{p['success']:.3f} +- {p['success_half']:.3f} | {latency:.2f} | "
+                f"{p['score']:.3f} +- {p['score_half']:.3f} | {fmt(p['score_seed_std'])} | "
+                f"{p['success']:.3f} [{p['success_ci'][0]:.3f}, {p['success_ci'][1]:.3f}] | "
+                f"{latency:.2f} | "
                 f"{1000 * results['step_costs_s'][m]:.0f} | {wall:.1f} |"
             )
     lines += [
@@ -539,7 +576,8 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
         f"({results['wall_budget_s'] / 60:.1f} min = its step time x {b['steps']} steps): "
         "its latest checkpoint within that time (checkpoints every "
         f"{max(1, b['steps'] // b['n_snapshots'])} steps; EMA weights, the learning rate not "
-        "yet annealed) is evaluated at the method's usual sampler. Step times ('train step' "
+        "yet annealed) is evaluated at the method's usual sampler (for the fastest method that "
+        "is its final checkpoint: its row above is reused). Step times ('train step' "
         "above) are measured side by side in one process, the methods taking turns, so they "
         "compare fairly even where the long runs' wall clocks ('training wall') were stretched "
         "by other work on the machine.",
@@ -560,15 +598,19 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
         "## Stability",
         "",
         "Gradient norm of every training step (before any clipping; none is applied), over all "
-        "seeds' steps: median, 99th percentile, max, and the number of steps with a non-finite "
+        "seeds' steps: median, 99th percentile, max, the spikiness ratios p99/median and "
+        "max/median (worst seed; they do not depend on the loss's scale, which the adaptive "
+        "weights of isd and meanflow change: dividing each sample's loss by ~(loss + c) "
+        "multiplies the gradient by ~1/(loss + c)), and the number of steps with a non-finite "
         "gradient. Degeneracy: 64 training observations, 16 noise draws each, at the method's "
         "usual sampler; 'spread' is the std of the sampled chunks across draws (normalised "
         "action units, mean over observations and chunk elements): a collapsed generator gives "
         "~0 whatever the noise; 'RMSE to demo' is the error of the draws against the "
         "demonstrated chunk.",
         "",
-        "| method | grad median | grad p99 | grad max | non-finite steps | spread | RMSE to demo |",
-        "|---|---|---|---|---|---|---|",
+        "| method | grad median | grad p99 | grad max | p99 / median | max / median "
+        "| non-finite steps | spread | RMSE to demo |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         rs = by_method[m]
@@ -576,6 +618,8 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
         lines.append(
             f"| {m} | {np.median([s['grad_median'] for s in stats]):.3g} | "
             f"{max(s['grad_p99'] for s in stats):.3g} | {max(s['grad_max'] for s in stats):.3g} | "
+            f"{max(s['grad_p99'] / s['grad_median'] for s in stats):.2f} | "
+            f"{max(s['grad_max'] / s['grad_median'] for s in stats):.2f} | "
             f"{sum(s['nonfinite_steps'] for s in stats)} | "
             f"{np.mean([r['degeneracy']['spread'] for r in rs]):.3f} | "
             f"{np.mean([r['degeneracy']['rmse_to_demo'] for r in rs]):.3f} |"
