@@ -62,6 +62,9 @@ class Budget:
     n_snapshots: int = 5  # checkpoints kept for the equal-wall-time view
     threads: int = 2  # torch threads for training
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    # "sync": all envs in the evaluating process (no IPC; for cheap physics such as PushT's,
+    # with a large n_envs = inference batch); "async": one process per env (robosuite).
+    vector: str = "async"
     # Evaluated samplers per method where not METHODS' full list (to fit a CPU budget).
     samplers: dict[str, list[str]] | None = None
 
@@ -95,7 +98,8 @@ BUDGETS = {
         warmup_steps=100,
         seeds=(0, 1),
         episodes_per_seed=250,
-        n_envs=8,
+        n_envs=50,
+        vector="sync",
         threads=1,
         samplers={
             "isd": ["1", "2"],
@@ -314,25 +318,48 @@ def chunk_latency_ms(policy: Any, sampler: str, repeats: int = 30) -> float:
 
 
 def evaluate_entry(
-    policy: Any, sampler: str, seeds: Sequence[int], out: Path, n_envs: int, max_steps: int
+    policy: Any,
+    sampler: str,
+    seeds: Sequence[int],
+    out: Path,
+    n_envs: int,
+    max_steps: int,
+    vector: str = "async",
 ) -> dict:
+    import gymnasium as gym
+
     from cm_policy.evaluation.runner import evaluate_policy
+    from cm_policy.tasks import env_factory
 
     metrics_file = out / "metrics.json"
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
     steps = apply_sampler(policy, sampler)
-    return evaluate_policy(
-        policy,
-        seeds,
-        out,
-        steps=steps,
-        n_envs=n_envs,
-        n_videos=0,
-        max_steps=max_steps,
-        progress=False,
-        extra={"sampler": sampler},
-    )
+    envs = None
+    if vector == "sync":
+        n = max(1, min(n_envs, len(seeds)))
+        # NEXT_STEP: the runner keeps stepping envs whose episode ended (and ignores them); a
+        # SyncVectorEnv with autoreset disabled refuses that.
+        envs = gym.vector.SyncVectorEnv(
+            [env_factory(policy.spec["task"])] * n,
+            autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+        )
+    try:
+        return evaluate_policy(
+            policy,
+            seeds,
+            out,
+            steps=steps,
+            n_envs=n_envs,
+            n_videos=0,
+            max_steps=max_steps,
+            progress=False,
+            vector_env=envs,
+            extra={"sampler": sampler},
+        )
+    finally:
+        if envs is not None:
+            envs.close()
 
 
 def cached(path: Path, compute) -> Any:
@@ -405,7 +432,13 @@ def run_compare(
         for sampler in budget.samplers_of(method):
             tag = sampler.replace(":", "")
             metrics = evaluate_entry(
-                policy, sampler, test_seeds, run_dir / "compare" / tag, n_envs, budget.max_steps
+                policy,
+                sampler,
+                test_seeds,
+                run_dir / "compare" / tag,
+                n_envs,
+                budget.max_steps,
+                budget.vector,
             )
             latency = cached(
                 run_dir / "compare" / f"{tag}_latency.json",
@@ -432,6 +465,7 @@ def run_compare(
                 run_dir / "compare" / f"wall_step{snap}_{headline.replace(':', '')}",
                 n_envs,
                 budget.max_steps,
+                budget.vector,
             )
         bar.update()
         results["runs"][f"{method}_s{seed}"] = {
