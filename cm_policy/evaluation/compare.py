@@ -88,7 +88,8 @@ BUDGETS = {
         threads=1,
         overrides=("model.down_dims=[16,32]", "model.time_embed_dim=16"),
     ),
-    # About an hour on 2 CPU cores for PushT keypoints; 500 episodes per entry (250 per seed).
+    # About 1.5 h on 2 CPU cores for PushT keypoints (67 min of 1-thread training by the measured
+    # step costs, ~25 min of evaluation); 500 episodes per entry (250 per seed).
     # One training thread: a 2-thread run slows down up to 10x whenever anything else runs.
     "small": Budget(
         model="unet_tiny",
