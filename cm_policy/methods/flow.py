@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method
+from cm_policy.methods.base import Method, euler_sample, ordered_beta_times
 
 
 class Flow(Method):
@@ -26,8 +26,7 @@ class Flow(Method):
     def loss(
         self, model: nn.Module, actions: torch.Tensor, cond: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        a = torch.full((2, actions.shape[0]), self.beta_a, device=actions.device)
-        t = torch.distributions.Beta(a, torch.full_like(a, self.beta_b)).sample().max(dim=0).values
+        t, _ = ordered_beta_times(actions.shape[0], self.beta_a, self.beta_b, actions.device)
         z = torch.randn_like(actions)
         tb = t.view(-1, 1, 1)
         x_t = (1 - tb) * actions + tb * z
@@ -42,12 +41,4 @@ class Flow(Method):
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        steps = steps or self.default_steps
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
-        grid = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
-        for k in range(steps):
-            t = grid[k].expand(shape[0])
-            x = x - (grid[k] - grid[k + 1]) * model(x, t, t, cond)
-        return x.clamp(-1.0, 1.0)
+        return euler_sample(model, cond, shape, self.resolve_steps(steps), generator, jump=False)

@@ -117,9 +117,7 @@ class ICT(Method):
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        steps = steps or self.default_steps
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        steps = self.resolve_steps(steps)
         levels = karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, self.rho).flip(0)[:-1]
         x = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
         for sigma in levels.tolist():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method
+from cm_policy.methods.base import Method, adaptive_weighted, euler_sample, ordered_beta_times
 
 DERIVATIVES = ("finite_difference", "jvp")
 
@@ -53,9 +53,7 @@ class ISD(Method):
 
     def sample_times(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """t >= s, both from Beta(0.8, 1) and ordered."""
-        a = torch.full((2, batch), self.beta_a, device=device)
-        u = torch.distributions.Beta(a, torch.full_like(a, self.beta_b)).sample()
-        return u.max(dim=0).values, u.min(dim=0).values
+        return ordered_beta_times(batch, self.beta_a, self.beta_b, device)
 
     def time_derivative(
         self,
@@ -107,9 +105,7 @@ class ISD(Method):
         target = v_hat - (t - s).view(-1, 1, 1) * d
         loss_fm = (f_diag - (z - actions)).pow(2).flatten(1).mean(dim=1)
         loss_sd = (f_jump - target).pow(2).flatten(1).mean(dim=1)
-        per_sample = loss_fm + loss_sd
-        weight = (per_sample.detach() + self.adaptive_c).pow(self.adaptive_p)
-        loss = (per_sample / weight).mean()
+        loss = adaptive_weighted(loss_fm + loss_sd, self.adaptive_c, self.adaptive_p)
         logs = {"loss_fm": loss_fm.detach().mean(), "loss_sd": loss_sd.detach().mean()}
         return loss, logs
 
@@ -121,12 +117,4 @@ class ISD(Method):
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        steps = steps or self.default_steps
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
-        grid = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
-        for k in range(steps):
-            t, s = grid[k].expand(shape[0]), grid[k + 1].expand(shape[0])
-            x = x - (grid[k] - grid[k + 1]) * model(x, t, s, cond)
-        return x.clamp(-1.0, 1.0)
+        return euler_sample(model, cond, shape, self.resolve_steps(steps), generator, jump=True)

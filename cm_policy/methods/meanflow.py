@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method
+from cm_policy.methods.base import Method, adaptive_weighted, euler_sample
 
 
 class MeanFlow(Method):
@@ -70,8 +70,7 @@ class MeanFlow(Method):
             )
             target = v - (t - s).view(-1, 1, 1) * dfdt
         per_sample = (f - target).pow(2).flatten(1).mean(dim=1)
-        weight = (per_sample.detach() + self.adaptive_c).pow(self.adaptive_p)
-        loss = (per_sample / weight).mean()
+        loss = adaptive_weighted(per_sample, self.adaptive_c, self.adaptive_p)
         return loss, {"loss_mf": per_sample.detach().mean()}
 
     def sample(
@@ -82,12 +81,4 @@ class MeanFlow(Method):
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        steps = steps or self.default_steps
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
-        grid = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
-        for k in range(steps):
-            t, s = grid[k].expand(shape[0]), grid[k + 1].expand(shape[0])
-            x = x - (grid[k] - grid[k + 1]) * model(x, t, s, cond)
-        return x.clamp(-1.0, 1.0)
+        return euler_sample(model, cond, shape, self.resolve_steps(steps), generator, jump=True)
