@@ -13,24 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from tiny_config import TINY
 
 from cm_policy.cli import main
 from cm_policy.training.distributed import Replica, local_slices
 
-TINY = [
-    "model=unet_tiny",
-    "model.down_dims=[16,32]",
-    "model.time_embed_dim=16",
-    "training.batch_size=16",
-    "training.log_every=1",
-    "training.warmup_steps=2",
-    "training.num_threads=1",
-    "eval.n_episodes=2",
-    "eval.max_steps=16",
-    "eval.n_envs=1",
-    "eval.n_videos=1",
-    "eval.progress=false",
-]
 SCHEDULE = ["training.steps=4", "training.checkpoint_every=2"]
 
 

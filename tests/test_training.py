@@ -7,25 +7,11 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from tiny_config import TINY
 
 from cm_policy.cli import compose, main
 from cm_policy.data import DatasetError
 from cm_policy.training.trainer import train
-
-TINY = [
-    "model=unet_tiny",
-    "model.down_dims=[16,32]",
-    "model.time_embed_dim=16",
-    "training.batch_size=16",
-    "training.log_every=1",
-    "training.warmup_steps=2",
-    "training.num_threads=1",
-    "eval.n_episodes=2",
-    "eval.max_steps=16",
-    "eval.n_envs=1",
-    "eval.n_videos=1",
-    "eval.progress=false",
-]
 
 
 def tiny_cfg(dataset: Path, out: Path, *extra: str):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cm_policy.evaluation.machine import describe_machine
+from cm_policy.evaluation.runner import wilson_interval
 
 # Method label -> (config overrides, evaluated samplers). A sampler is "N" (N network evaluations
 # of the method's own sampler) or "ddpm:N" / "ddim:N" for the diffusion baseline.
@@ -496,13 +497,6 @@ def run_compare(
     return results
 
 
-def wilson(rate: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson interval of a success rate over n episodes (sound at 0 and 1 too)."""
-    centre = (rate + z**2 / (2 * n)) / (1 + z**2 / n)
-    half = z * math.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def fmt(value: float, digits: int = 3) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
@@ -524,7 +518,7 @@ def pooled(entries: Sequence[dict]) -> dict:
         "score": score,
         "score_half": half,
         "success": success,
-        "success_ci": wilson(success, n),
+        "success_ci": tuple(float(v) for v in np.clip(wilson_interval(success, n), 0.0, 1.0)),
         "score_seed_std": float(np.std([e["mean_score"] for e in entries], ddof=1))
         if len(entries) > 1
         else math.nan,

@@ -141,17 +141,24 @@ def run_episodes(
     return results
 
 
+Z95 = 1.959964
+
+
+def wilson_interval(rate: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of a success rate over ``n`` episodes (sound at 0 and 1)."""
+    denom = 1 + Z95**2 / n
+    centre = (rate + Z95**2 / (2 * n)) / denom
+    spread = Z95 * math.sqrt(rate * (1 - rate) / n + Z95**2 / (4 * n**2)) / denom
+    return centre - spread, centre + spread
+
+
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     """mean_score and success rate with 95% intervals (normal for the mean, Wilson for rates)."""
     n = len(results)
     scores = np.array([r.max_reward for r in results])
     wins = sum(r.success for r in results)
-    z = 1.959964
-    half = z * scores.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    half = Z95 * scores.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
     p = wins / n
-    denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
-    spread = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
     return {
         "n_episodes": n,
         "mean_score": float(scores.mean()),
@@ -160,7 +167,7 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
             min(1.0, float(scores.mean() + half)),
         ],
         "success_rate": p,
-        "success_rate_ci95": [centre - spread, centre + spread],
+        "success_rate_ci95": list(wilson_interval(p, n)),
         "mean_episode_steps": float(np.mean([r.n_steps for r in results])),
     }
 
