@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cm_policy.data.replay_buffer import ReplayBuffer
+from cm_policy.data.replay_buffer import ReplayBuffer, atomic_directory
 from cm_policy.envs.pusht_planner import generate
 
 # Attempts are made in rounds until enough episodes succeeded; this bounds a run whose planner
@@ -40,50 +40,44 @@ def generate_pusht_dataset(
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; remove it or pass overwrite=True")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    buffer = ReplayBuffer.create(tmp)
-    started = time.perf_counter()
-    attempts, lengths, next_seed = 0, [], seed
-    while len(lengths) < n_episodes:
-        if attempts >= MAX_ATTEMPTS_PER_EPISODE * n_episodes:
-            shutil.rmtree(tmp)
-            raise RuntimeError(
-                f"the planner reached success in only {len(lengths)} of {attempts} attempts "
-                f"(expected {n_episodes} successes within {MAX_ATTEMPTS_PER_EPISODE * n_episodes})"
-            )
-        batch = n_episodes - len(lengths)
-        for episode in generate(batch, seed=next_seed, workers=workers, render=images):
-            attempts += 1
-            if episode.success:
-                data = {
-                    "state": episode.state,
-                    "keypoint": episode.keypoint,
-                    "action": episode.action,
-                    "n_contacts": episode.n_contacts,
-                }
-                if images:
-                    data["img"] = episode.img.round().clip(0, 255).astype("uint8")
-                buffer.add_episode(data)
-                lengths.append(episode.n_steps)
-        next_seed += batch
-    wall = time.perf_counter() - started
-    stats = {
-        "n_episodes": len(lengths),
-        "attempts": attempts,
-        "attempt_success_rate": len(lengths) / attempts,
-        "seeds": [seed, next_seed - 1],
-        "mean_length": sum(lengths) / len(lengths),
-        "max_length": max(lengths),
-        "wall_s": wall,
-        "episodes_per_minute": len(lengths) / wall * 60,
-        "workers": workers,
-    }
-    (tmp / "generation.json").write_text(json.dumps(stats, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    with atomic_directory(out) as tmp:
+        buffer = ReplayBuffer.create(tmp)
+        started = time.perf_counter()
+        attempts, lengths, next_seed = 0, [], seed
+        while len(lengths) < n_episodes:
+            if attempts >= MAX_ATTEMPTS_PER_EPISODE * n_episodes:
+                raise RuntimeError(
+                    f"the planner reached success in only {len(lengths)} of {attempts} attempts "
+                    f"(expected {n_episodes} successes within {MAX_ATTEMPTS_PER_EPISODE * n_episodes})"
+                )
+            batch = n_episodes - len(lengths)
+            for episode in generate(batch, seed=next_seed, workers=workers, render=images):
+                attempts += 1
+                if episode.success:
+                    data = {
+                        "state": episode.state,
+                        "keypoint": episode.keypoint,
+                        "action": episode.action,
+                        "n_contacts": episode.n_contacts,
+                    }
+                    if images:
+                        data["img"] = episode.img.round().clip(0, 255).astype("uint8")
+                    buffer.add_episode(data)
+                    lengths.append(episode.n_steps)
+            next_seed += batch
+        wall = time.perf_counter() - started
+        stats = {
+            "n_episodes": len(lengths),
+            "attempts": attempts,
+            "attempt_success_rate": len(lengths) / attempts,
+            "seeds": [seed, next_seed - 1],
+            "mean_length": sum(lengths) / len(lengths),
+            "max_length": max(lengths),
+            "wall_s": wall,
+            "episodes_per_minute": len(lengths) / wall * 60,
+            "workers": workers,
+        }
+        (tmp / "generation.json").write_text(json.dumps(stats, indent=2))
     print(
         f"wrote {len(lengths)} episodes ({sum(lengths)} steps) to {out}: "
         f"{stats['attempt_success_rate']:.0%} of {attempts} attempts succeeded, "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,6 +193,33 @@ def _read_layout(root: zarr.Group, where: str) -> tuple[dict[str, zarr.Array], n
     return data, ends.astype(np.int64)
 
 
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A path to write a directory at, moved into place as ``path`` when the block ends without
+    an exception (replacing what was there) and removed otherwise.
+
+    The work happens in a hidden temporary directory beside ``path``, so the final rename stays
+    on one filesystem and is atomic: a crash or an error leaves a hidden directory, never a
+    half-written one at ``path``.
+    """
+    path = Path(path).resolve()
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        work = tmp / path.name
+        yield work
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.replace(path, old / path.name)
+            os.replace(work, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(work, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class ReplayBuffer:
     """Episodes of equal-length time-major arrays, on zarr (disk or memory) or numpy in RAM.
 
@@ -260,13 +288,7 @@ class ReplayBuffer:
             raise ValueError(f"cannot save a buffer onto the path it is open from ({path})")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        parent = path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        # The temporary directory sits beside the target so that the final rename stays on one
-        # filesystem and is atomic; a crash leaves a hidden directory, never a half-written
-        # dataset at `path`.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-        try:
+        with atomic_directory(path) as tmp:
             root = _new_root(LocalStore(tmp))
             for key, src in self._data.items():
                 dst = _create_data_array(
@@ -276,16 +298,6 @@ class ReplayBuffer:
                 for start in range(0, self.n_steps, block):
                     dst[start : start + block] = src[start : start + block]
             _write_ends(root, self._ends)
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-                os.replace(path, old / path.name)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
     # -- properties ---------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer
+from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer, atomic_directory
 
 DATA_GROUP = "data"
 MASK_GROUP = "mask"
@@ -390,35 +390,27 @@ def convert_to_zarr(
         already_absolute = controller_is_absolute(dataset.env_meta)
         if abs_action and not already_absolute:
             replay_env = RobosuiteEnv(env_meta=dataset.env_meta, obs_type="lowdim")
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        buffer = ReplayBuffer.create(tmp)
-        try:
-            for name in tqdm(names, desc="convert", unit="demo", disable=not progress):
-                demo = dataset.demo(name, obs_keys=keys)
-                episode = {k: demo["obs"][k] for k in keys}
-                for k in LOW_DIM_KEYS:
-                    episode[k] = episode[k].astype(np.float32)
-                action = demo["actions"]
-                if abs_action and already_absolute:
-                    action = env_to_abs_action(action)
-                elif abs_action:
-                    action = delta_to_abs_actions(
-                        replay_env, demo["states"], action, demo["model_xml"]
-                    )
-                episode["action"] = action.astype(np.float32)
-                buffer.add_episode(episode)
-        except BaseException:
-            shutil.rmtree(tmp)
-            raise
-        finally:
-            if replay_env is not None:
-                replay_env.close()
-        (tmp / ENV_ARGS_FILE).write_text(json.dumps(dataset.env_meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+        with atomic_directory(out) as tmp:
+            buffer = ReplayBuffer.create(tmp)
+            try:
+                for name in tqdm(names, desc="convert", unit="demo", disable=not progress):
+                    demo = dataset.demo(name, obs_keys=keys)
+                    episode = {k: demo["obs"][k] for k in keys}
+                    for k in LOW_DIM_KEYS:
+                        episode[k] = episode[k].astype(np.float32)
+                    action = demo["actions"]
+                    if abs_action and already_absolute:
+                        action = env_to_abs_action(action)
+                    elif abs_action:
+                        action = delta_to_abs_actions(
+                            replay_env, demo["states"], action, demo["model_xml"]
+                        )
+                    episode["action"] = action.astype(np.float32)
+                    buffer.add_episode(episode)
+            finally:
+                if replay_env is not None:
+                    replay_env.close()
+            (tmp / ENV_ARGS_FILE).write_text(json.dumps(dataset.env_meta, indent=2))
     stats = {
         "episodes": len(names),
         "steps": buffer.n_steps,
