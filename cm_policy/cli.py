@@ -147,6 +147,7 @@ def cmd_eval(args: list[str]) -> dict:
             "out": str,
             "weights": str,
             "sampler": str,
+            "device": str,
         },
     )
     if "checkpoint" not in opts:
@@ -156,7 +157,7 @@ def cmd_eval(args: list[str]) -> dict:
 
     folder = resolve_checkpoint(opts["checkpoint"])
     weights = opts.get("weights", "ema")
-    policy = load_policy(folder, weights=weights)
+    policy = load_policy(folder, weights=weights, device=opts.get("device", "auto"))
     if "sampler" in opts:  # the diffusion baseline's ddpm | ddim
         if not hasattr(policy.method, "sampler"):
             raise SystemExit(f"error: method {policy.method.name} has no sampler= choice")
@@ -226,6 +227,7 @@ def cmd_serve(args: list[str]) -> None:
             "max_steps": int,
             "max_message_mb": float,
             "weights": str,
+            "device": str,
         },
     )
     if "checkpoint" not in opts:
@@ -234,11 +236,14 @@ def cmd_serve(args: list[str]) -> None:
     from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
     folder = resolve_checkpoint(opts["checkpoint"])
-    policy = load_policy(folder, weights=opts.get("weights", "ema"))
+    policy = load_policy(
+        folder, weights=opts.get("weights", "ema"), device=opts.get("device", "auto")
+    )
 
     def announce(host: str, port: int) -> None:
         print(
-            f"serving {folder} ({policy.method.name}, {policy.method.default_steps} step(s)) on "
+            f"serving {folder} ({policy.method.name}, {policy.method.default_steps} step(s), "
+            f"{next(policy.parameters()).device}) on "
             f"ws://{host}:{port}, health at http://{host}:{port}{server.HEALTH_PATH}",
             flush=True,
         )

@@ -13,7 +13,7 @@ speed does not depend on the weights). Targets (issue): round-trip p50 at most 1
 in-process on loopback; 16 clients at least 4x the throughput of 1 client.
 
 Usage: python eval/bench_server.py [--checkpoint PATH] [--clients 1,4,16,64] [--duration 5]
-       [--requests 500] [--threads 1] [--out eval/results/server.md]
+       [--requests 500] [--threads 1] [--device cpu|cuda|auto] [--out eval/results/server.md]
 """
 
 from __future__ import annotations
@@ -148,6 +148,9 @@ def main() -> None:
     )
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--device", default="cpu", help="where both sides run the policy: cpu | cuda | auto"
+    )
     parser.add_argument("--out", default="eval/results/server.md")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -155,13 +158,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint or random_checkpoint(Path(tmp) / "run", args.model))
-        policy = load_policy(checkpoint)
+        policy = load_policy(checkpoint, device=args.device)
         if policy.image_keys:
             raise SystemExit("this benchmark covers low-dim policies")
         options = [
             f"threads={args.threads}",
             f"max_batch={args.max_batch}",
             f"batch_wait_ms={args.batch_wait_ms}",
+            f"device={args.device}",
         ]
         server, port = spawn_server(checkpoint, Path(tmp) / "server.log", *options)
         uri = f"ws://127.0.0.1:{port}"
@@ -201,6 +205,8 @@ def main() -> None:
     p = {q: (np.percentile(local_s, q) * MS, np.percentile(remote_s, q) * MS) for q in (50, 99)}
     overhead = p[50][1] - p[50][0]
     n_params = sum(t.numel() for t in policy.parameters())
+    device = next(policy.parameters()).device
+    gpu = device.type == "cuda"
     base = rates[clients[0]][0]
     described = f"`{args.checkpoint}`" if args.checkpoint else f"random-weight `{args.model}`"
     lines = [
@@ -208,7 +214,9 @@ def main() -> None:
         "",
         f"Command: `python {shlex.join(sys.argv)}`",
         "",
-        f"Machine: {describe_machine()}; torch {torch.__version__}, {args.threads} torch "
+        f"Machine: {describe_machine()}"
+        + (f", GPU {torch.cuda.get_device_name(0)}" if gpu else "")
+        + f"; torch {torch.__version__}, policy on {device}, {args.threads} torch "
         f"thread(s) in the server and in-process. Policy: {described} "
         f"({n_params / 1e6:.2f}M parameters), task `{policy.spec['task'].get('name')}`, "
         f"{policy.method.name}, {policy.method.default_steps} step(s). Server: `cm-policy serve "

@@ -8,6 +8,9 @@ Usage:
       --dataset ../shared/data/pusht/pusht_cchi_v7_replay.zarr
   python eval/compare.py --task pusht_keypoints --budget large --dataset ...   # on a GPU
   options: --methods isd,ddpm,... --seeds 0,1 --n-envs 8 --out-dir DIR --results DIR --notes FILE
+           --steps N --batch-size B --lr LR (change the budget; the report says so)
+           --train-seconds S (steps that fit S s of training, from measured step costs)
+           --device auto|cpu|cuda (the evaluated policies) --name STEM (report file name)
 """
 
 from __future__ import annotations
@@ -39,7 +42,23 @@ def main() -> None:
         default=None,
         help='JSON narrowing the evaluated samplers, e.g. \'{"isd": ["1"], "ddpm": ["ddpm:100"]}\'',
     )
+    parser.add_argument("--steps", type=int, default=None, help="change the budget's steps")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--device", default="auto", help="for the evaluated policies")
+    parser.add_argument(
+        "--train-seconds",
+        type=float,
+        default=None,
+        help="replace --steps by as many as fit this training time (all runs together)",
+    )
+    parser.add_argument("--name", default=None, help="report stem (default compare_<task>)")
     args = parser.parse_args()
+    changes = {
+        k: v
+        for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}.items()
+        if v is not None
+    }
     out_dir = args.out_dir or f"outputs/compare_{args.task}_{args.budget}"
     results = run_compare(
         args.task,
@@ -50,6 +69,9 @@ def main() -> None:
         seeds=[int(s) for s in args.seeds.split(",") if s],
         n_envs=args.n_envs,
         samplers=json.loads(args.samplers) if args.samplers else None,
+        device=args.device,
+        train_seconds=args.train_seconds,
+        **changes,
     )
     notes = Path(args.notes).read_text() if args.notes else ""
     shown, skip = [], False  # the command as run, without the notes file
@@ -58,7 +80,7 @@ def main() -> None:
             skip = arg == "--notes"
             continue
         shown.append(shlex.quote(arg))
-    path = write_report(results, args.results, "python " + " ".join(shown), notes)
+    path = write_report(results, args.results, "python " + " ".join(shown), notes, args.name)
     print(path.read_text())
 
 

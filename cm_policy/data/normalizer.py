@@ -62,6 +62,9 @@ class LinearNormalizer:
 
     def __init__(self) -> None:
         self._params: dict[str, dict[str, torch.Tensor]] = {}
+        # (key, device, dtype) -> scale and offset already there: a GPU policy then copies the
+        # parameters once, not at every call. Emptied whenever a key is (re)set.
+        self._moved: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fit(
         self,
@@ -84,6 +87,7 @@ class LinearNormalizer:
                 self.set_identity(key)
                 continue
             self._params[key] = _fit_key(torch.as_tensor(value), key_mode, last_n_dims)
+            self._moved.clear()
         return self
 
     def set_identity(self, key: str) -> None:
@@ -104,6 +108,7 @@ class LinearNormalizer:
         if (scale == 0).any():
             raise ValueError(f"{key}: scale must be non-zero to be invertible")
         self._params[key] = {"scale": scale.contiguous(), "offset": offset.contiguous()}
+        self._moved.clear()
 
     def keys(self) -> list[str]:
         return list(self._params)
@@ -133,7 +138,12 @@ class LinearNormalizer:
         if isinstance(x, np.ndarray):
             return scale.numpy(), offset.numpy()
         dtype = x.dtype if x.is_floating_point() else torch.float32
-        return scale.to(x.device, dtype), offset.to(x.device, dtype)
+        if x.device.type == "cpu":
+            return scale.to(x.device, dtype), offset.to(x.device, dtype)
+        where = (key, x.device, dtype)
+        if where not in self._moved:
+            self._moved[where] = (scale.to(x.device, dtype), offset.to(x.device, dtype))
+        return self._moved[where]
 
     def normalize(self, key: str, x: ArrayT) -> ArrayT:
         """Map raw values of `key` to normalized ones; numpy in, numpy out."""
@@ -154,6 +164,7 @@ class LinearNormalizer:
         for params in self._params.values():
             for name, tensor in params.items():
                 params[name] = tensor.to(device)
+        self._moved.clear()
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:

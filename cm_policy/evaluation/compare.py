@@ -126,6 +126,23 @@ BUDGETS = {
         max_steps=400,
         threads=1,
     ),
+    # Robomimic low-dim tasks on one GPU within minutes (the machine's CPU cores run the envs):
+    # the 5M-parameter U-Net at a larger batch. A short GPU session sets --steps from step costs
+    # it measures first (eval/gpu_robomimic.sh).
+    "robomimic_gpu": Budget(
+        model="unet_cpu",
+        steps=8000,
+        batch_size=512,
+        lr=3e-4,
+        warmup_steps=200,
+        seeds=(0,),
+        episodes_per_seed=50,
+        n_envs=25,
+        max_steps=400,
+        n_snapshots=4,
+        threads=4,
+        samplers={"isd": ["1", "2"], "ddpm": ["ddpm:100"]},
+    ),
     # The same comparison at Diffusion Policy's scale, for one GPU.
     "large": Budget(
         model="unet_dp",
@@ -141,6 +158,9 @@ BUDGETS = {
 }
 
 TEST_START = 100000
+# A training run's step costs more than step_costs' bare steps (batches drawn on the fly, EMA
+# update, a log line every step, checkpoints): the factor --train-seconds plans with.
+RUN_OVERHEAD = 1.3
 SUCCESS_RULE = {
     "pusht": "coverage > 0.95 at some step",
     "robomimic": "the task's own success check (its sparse reward, so mean_score = success)",
@@ -244,33 +264,49 @@ def step_costs(cfgs: dict[str, Any], rounds: int = 3, steps: int = 4) -> dict[st
     the machine can stretch.
     """
     from cm_policy.policy import Policy
+    from cm_policy.training.distributed import resolve_device
     from cm_policy.training.trainer import TrainingData, fit_normalizer, policy_spec
 
     first = next(iter(cfgs.values()))
     torch.set_num_threads(int(first.training.num_threads))
+    device = resolve_device(str(first.training.device))
     data = TrainingData(first)
     normalizer = fit_normalizer(first, data)
     rng = np.random.default_rng(0)
     setups = {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
-        policy = Policy(policy_spec(cfg), normalizer)
+        policy = Policy(policy_spec(cfg), normalizer).to(device)
         policy.method.set_progress(0, int(cfg.training.steps))
         setups[name] = (policy, torch.optim.AdamW(policy.parameters(), lr=1e-4))
     batch = int(first.training.batch_size)
     times: dict[str, list[float]] = {name: [] for name in cfgs}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for r in range(rounds + 1):
         for name, (policy, optimizer) in setups.items():
-            batches = [data.batch(rng, batch, policy.n_obs_steps) for _ in range(steps)]
+            batches = [
+                to_device(data.batch(rng, batch, policy.n_obs_steps), device) for _ in range(steps)
+            ]
+            sync()
             started = time.perf_counter()
             for obs, action in batches:
                 loss, _ = policy.compute_loss(obs, action)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            sync()
             if r:  # round 0 warms up
                 times[name].append((time.perf_counter() - started) / steps)
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def to_device(batch: tuple[dict, torch.Tensor], device: torch.device) -> tuple[dict, torch.Tensor]:
+    obs, action = batch
+    return {k: v.to(device) for k, v in obs.items()}, action.to(device)
 
 
 @torch.no_grad()
@@ -283,7 +319,8 @@ def chunk_spread(policy: Any, cfg, sampler: str, n_obs: int = 64, n_draws: int =
     from cm_policy.training.trainer import TrainingData
 
     data = TrainingData(cfg)
-    obs, action = data.batch(np.random.default_rng(12345), n_obs, policy.n_obs_steps)
+    batch = data.batch(np.random.default_rng(12345), n_obs, policy.n_obs_steps)
+    obs, action = to_device(batch, next(policy.parameters()).device)
     steps = apply_sampler(policy, sampler)
     gen = torch.Generator().manual_seed(0)
     cond = policy.obs_encoder(policy.normalize_obs(obs))
@@ -382,10 +419,17 @@ def run_compare(
     seeds: Sequence[int] | None = None,
     n_envs: int | None = None,
     samplers: dict[str, list[str]] | None = None,
+    device: str = "auto",
+    train_seconds: float | None = None,
+    **changes: Any,
 ) -> dict:
     """Train and evaluate every (method, seed); return the collected results (also saved).
 
-    ``samplers`` ({method: [sampler, ...]}) narrows the budget's evaluated samplers.
+    ``samplers`` ({method: [sampler, ...]}) narrows the budget's evaluated samplers; ``changes``
+    replace budget fields (e.g. ``steps=5000``), and the report names the changed budget.
+    ``device`` runs the evaluated policies (auto: the GPU when there is one); training uses
+    the config's ``training.device`` (auto too). ``train_seconds`` replaces the budget's steps by
+    as many as fit that training time for all runs together (a GPU session's fixed time).
     """
     from tqdm import tqdm
 
@@ -397,12 +441,26 @@ def run_compare(
     if budget_name not in BUDGETS:
         raise ValueError(f"unknown budget {budget_name!r}; expected one of {sorted(BUDGETS)}")
     budget = BUDGETS[budget_name]
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Budget)})
+    if unknown:
+        raise ValueError(f"unknown budget fields {unknown}; expected Budget's fields")
+    budget = dataclasses.replace(budget, **changes)
     if samplers:
         budget = dataclasses.replace(budget, samplers={**(budget.samplers or {}), **samplers})
     seeds = tuple(seeds) if seeds else budget.seeds
     n_envs = n_envs or budget.n_envs
     out = Path(out_dir)
     runs = {(m, s): out / f"{m}_s{s}" for s in seeds for m in methods}  # seed by seed
+    if train_seconds:
+        # As many steps as let every run train within train_seconds, by step costs measured
+        # first (cached: a resumed comparison keeps its steps).
+        probe = {m: training_config(task, m, budget, seeds[0], dataset, out) for m in methods}
+        costs = cached(out / "step_costs.json", lambda: step_costs(probe))
+        per_step = RUN_OVERHEAD * sum(costs[m] for m in methods) * len(seeds)
+        steps = max(100, int(train_seconds / per_step) // 100 * 100)
+        print(f"== {steps} steps fit {train_seconds:g} s of training ({per_step:.3f} s a step)")
+        budget = dataclasses.replace(budget, steps=steps)
+        changes = {**changes, "steps": steps}
     cfgs = {}
     for (method, seed), run_dir in runs.items():
         cfgs[method, seed] = training_config(task, method, budget, seed, dataset, run_dir)
@@ -429,7 +487,7 @@ def run_compare(
                 TEST_START + (k + 1) * budget.episodes_per_seed,
             )
         )
-        policy = load_policy(run_dir, weights="ema")
+        policy = load_policy(run_dir, weights="ema", device=device)
         entries = {}
         for sampler in budget.samplers_of(method):
             tag = sampler.replace(":", "")
@@ -459,7 +517,9 @@ def run_compare(
         if snap == budget.steps and headline in entries:  # the fastest method: already done
             equal_wall = {k: v for k, v in entries[headline].items() if k != "latency_ms"}
         else:
-            snap_policy = load_policy(run_dir / "checkpoints" / f"step_{snap:07d}", weights="ema")
+            snap_policy = load_policy(
+                run_dir / "checkpoints" / f"step_{snap:07d}", weights="ema", device=device
+            )
             equal_wall = evaluate_entry(
                 snap_policy,
                 headline,
@@ -483,11 +543,12 @@ def run_compare(
         {
             "task": task,
             "out_dir": str(out),
-            "budget": budget_name,
+            "budget": budget_name + "".join(f" {k}={v}" for k, v in sorted(changes.items())),
             "budget_detail": budget.__dict__ | {"seeds": list(seeds), "n_envs": n_envs},
             "methods": list(methods),
             "samplers": {m: budget.samplers_of(m) for m in methods},
             "wall_budget_s": wall_budget,
+            "train_seconds": train_seconds,
             "step_costs_s": costs,
             "machine": describe_machine(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -535,8 +596,10 @@ def n_evals(sampler: str) -> int:
     return parse_sampler(sampler)[1]
 
 
-def write_report(results: dict, results_dir: str | Path, command: str, notes: str = "") -> Path:
-    """``compare_<task>.md`` and its PNGs from :func:`run_compare`'s results."""
+def write_report(
+    results: dict, results_dir: str | Path, command: str, notes: str = "", name: str | None = None
+) -> Path:
+    """``<name>.md`` (default ``compare_<task>``) and PNGs from :func:`run_compare` results."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -548,7 +611,7 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
     runs = results["runs"]
     by_method = {m: [r for r in runs.values() if r["method"] == m] for m in methods}
     b = results["budget_detail"]
-    stem = f"compare_{task}"
+    stem = name or f"compare_{task}"
     lines = [
         f"# Method comparison on {task}",
         "",
@@ -571,8 +634,19 @@ def write_report(results: dict, results_dir: str | Path, command: str, notes: st
         + ". +- is the 95% interval of the pooled "
         "mean_score, [a, b] the 95% Wilson interval of the pooled success rate; 'seed "
         "spread' is the standard deviation of the per-seed means. Latency: "
-        "median `predict_action` time for one observation (batch 1, 1 torch thread).",
+        "median `predict_action` time for one observation (batch 1, "
+        + ("on the GPU)." if results.get("cuda") else "1 torch thread)."),
         "",
+        *(
+            [
+                f"The {b['steps']} steps are what fit {results['train_seconds']:g} s of training "
+                f"for all runs together (`--train-seconds`), planned from the step costs below "
+                f"times {RUN_OVERHEAD} (data, EMA and logging overhead).",
+                "",
+            ]
+            if results.get("train_seconds")
+            else []
+        ),
         "## Same number of gradient steps",
         "",
         "| method | sampler | NFE | mean_score | seed spread | success | latency / chunk (ms) "

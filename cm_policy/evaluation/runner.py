@@ -20,8 +20,6 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from cm_policy.evaluation.video import write_mp4
-
 
 class ActionPredictor(Protocol):
     def predict_action(self, obs: Mapping[str, np.ndarray]) -> np.ndarray: ...
@@ -127,6 +125,8 @@ def run_episodes(
             for i, seed in enumerate(wave):
                 video = None
                 if filmed[i]:
+                    from cm_policy.evaluation.video import write_mp4  # PyAV: videos only
+
                     video = str(write_mp4(Path(video_dir) / f"seed_{seed}.mp4", frames[i], fps))
                 results.append(
                     EpisodeResult(

@@ -64,6 +64,20 @@ def adaptive_weighted(per_sample: torch.Tensor, c: float, p: float) -> torch.Ten
     return (per_sample / (per_sample.detach() + c).pow(p)).mean()
 
 
+def noise(
+    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Standard normal noise on ``like``'s device and dtype, drawn from ``generator``.
+
+    A generator on another device than the network (a CPU generator, as the server and the
+    runner seed requests, driving a CUDA policy) draws where it lives and the noise is moved, so a
+    seed gives the same noise whatever device the policy runs on.
+    """
+    where = generator.device if generator is not None else like.device
+    x = torch.randn(shape, generator=generator, device=where, dtype=like.dtype)
+    return x.to(like.device)
+
+
 def euler_sample(
     model: nn.Module,
     cond: torch.Tensor,
@@ -77,7 +91,7 @@ def euler_sample(
     ``jump``: F is a flow map's average velocity from t to s, ``F(x, t, s)``; otherwise it is an
     instantaneous velocity, ``F(x, t, t)`` (Euler steps of a flow).
     """
-    x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+    x = noise(shape, cond, generator)
     grid = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
     for k in range(steps):
         t = grid[k].expand(shape[0])

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from cm_policy.methods.base import Method
+from cm_policy.methods.base import Method, noise
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -94,8 +94,8 @@ class DDPM(Method):
         if not 1 <= steps <= self.num_train_timesteps:
             raise ValueError(f"steps must be in [1, {self.num_train_timesteps}], got {steps}")
         scheduler = self._schedulers[self.sampler]
-        scheduler.set_timesteps(steps, device=cond.device)
-        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+        scheduler.set_timesteps(steps)  # on the CPU: the step's table lookups stay there
+        x = noise(shape, cond, generator)
         for k in scheduler.timesteps:
             t = self.time_input(k.expand(shape[0]).to(cond.device))
             eps = model(x, t, t, cond)

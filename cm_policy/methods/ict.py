@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method
+from cm_policy.methods.base import Method, noise
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -121,7 +121,6 @@ class ICT(Method):
         levels = karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, self.rho).flip(0)[:-1]
         x = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
         for sigma in levels.tolist():
-            noise = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
-            x = x + math.sqrt(sigma**2 - self.sigma_min**2) * noise
+            x = x + math.sqrt(sigma**2 - self.sigma_min**2) * noise(shape, cond, generator)
             x = self.consistency(model, x, torch.full((shape[0],), sigma, device=cond.device), cond)
         return x.clamp(-1.0, 1.0)

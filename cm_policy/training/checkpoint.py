@@ -130,13 +130,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_policy(path: str | Path, weights: str = "ema") -> Policy:
-    """Rebuild the policy of a checkpoint with its EMA (default) or raw weights."""
+def load_policy(path: str | Path, weights: str = "ema", device: str = "cpu") -> Policy:
+    """Rebuild the policy of a checkpoint with its EMA (default) or raw weights, on ``device``.
+
+    ``device``: cpu, cuda[:index] or auto (cuda when this torch sees a GPU, else cpu).
+    """
+    from cm_policy.training.distributed import resolve_device
+
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    where = resolve_device(device, key="device")
     folder = resolve_checkpoint(path)
     spec = json.loads((folder / "policy.json").read_text())
-    return Policy.from_weights(spec, load_file(folder / f"{weights}.safetensors"))
+    return Policy.from_weights(spec, load_file(folder / f"{weights}.safetensors")).to(where)
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:

@@ -124,8 +124,10 @@ class Replica:
             )
 
 
-def resolve_device(name: str, local_rank: int, distributed: bool) -> torch.device:
-    """``training.device`` (auto | cpu | cuda[:index]) as the torch device of this process."""
+def resolve_device(
+    name: str, local_rank: int = 0, distributed: bool = False, key: str = "training.device"
+) -> torch.device:
+    """``key`` (auto | cpu | cuda[:index]) as the torch device of this process."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -133,13 +135,13 @@ def resolve_device(name: str, local_rank: int, distributed: bool) -> torch.devic
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"training.device must be one of {DEVICES} or cuda:INDEX, got {name!r}")
+        raise ValueError(f"{key} must be one of {DEVICES} or cuda:INDEX, got {name!r}")
     if device.type == "cpu":
         return device
     if not torch.cuda.is_available():
         raise ValueError(
-            f"training.device={name} but this torch build ({torch.__version__}) sees no CUDA "
-            "device; use training.device=cpu or auto"
+            f"{key}={name} but this torch build ({torch.__version__}) sees no CUDA "
+            f"device; use {key}=cpu or auto"
         )
     if not distributed:
         index = torch.cuda.current_device() if device.index is None else device.index

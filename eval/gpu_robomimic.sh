@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One short GPU session: robomimic Can at a GPU budget (iSD-1 beside DDPM-100) and the action
+# server with its policy on the GPU.
+#
+#   bash eval/gpu_robomimic.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]
+#
+# Needs data/robomimic_can.zarr (`cm-policy data generate robomimic task=can n=200 seed=0`) and a
+# PYTHON with CUDA torch that imports this package and robosuite. Within TOTAL_SECONDS (default
+# 560), in this order:
+#   1. smoke: eval/compare.py's tiny budget on Can with training, evaluation and sampling on the
+#      GPU (~30 s); a failure stops the script at once, so a fixed rerun costs little;
+#   2. eval/bench_server.py --device cuda -> OUT_DIR/server_gpu.md;
+#   3. eval/compare.py on Can, budget robomimic_gpu, with --train-seconds set to the time left
+#      minus EVAL_RESERVE (default 180 s) for the evaluation: the steps are planned from step
+#      costs measured first -> OUT_DIR/compare_robomimic_can_lowdim_gpu.md.
+# OUT_DIR/gpu_robomimic.tar.gz holds every report, PNG, metrics file and log (no weights).
+set -uo pipefail
+OUT=${1:?usage: bash eval/gpu_robomimic.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]}
+PY=${2:-python3}
+TOTAL=${3:-560}
+EVAL_RESERVE=${EVAL_RESERVE:-180}
+DEVICE=${DEVICE:-cuda}  # cpu: a dry run of the script without a GPU
+WORK=${WORK:-/tmp/gpu_robomimic}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+START=$SECONDS
+DATA=data/robomimic_can.zarr
+CAN='{"isd": ["1"], "ddpm": ["ddpm:100"]}'
+
+finish() {
+  cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
+  tar -czf "$OUT/gpu_robomimic.tar.gz" -C "$WORK" --exclude='*.safetensors' . 2>/dev/null
+  echo "stages:"
+  cat "$OUT/stages.txt"
+}
+trap finish EXIT
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s, at $((SECONDS - START)) s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/stages.txt"
+  [ $rc -eq 0 ] || tail -30 "$WORK/logs/$name.log"
+  return $rc
+}
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+"$PY" -c "import torch, cm_policy.cli, robosuite
+print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
+  || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
+[ -d "$DATA" ] || { echo "no $DATA"; exit 1; }
+
+stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny \
+  --methods isd,ddpm --samplers "$CAN" --dataset "$DATA" --device "$DEVICE" \
+  --out-dir "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
+
+stage server 120 "$PY" eval/bench_server.py --device "$DEVICE" --threads 2 --clients 1,4,16,64 \
+  --duration 2 --requests 300 --pace-ms 20 --out "$WORK/results/server_gpu.md"
+
+left=$((TOTAL - (SECONDS - START)))
+train_s=$((left - EVAL_RESERVE - 40))
+[ $train_s -ge 60 ] || { echo "only ${left} s left: no time to train"; exit 1; }
+stage can $((left - 15)) "$PY" eval/compare.py --task robomimic_can_lowdim \
+  --budget robomimic_gpu --methods isd,ddpm --samplers "$CAN" --dataset "$DATA" \
+  --device "$DEVICE" --train-seconds "$train_s" --out-dir "$WORK/can" --results "$WORK/results" \
+  --name compare_robomimic_can_lowdim_gpu
