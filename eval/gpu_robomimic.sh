@@ -20,6 +20,9 @@ PY=${2:-python3}
 TOTAL=${3:-560}
 EVAL_RESERVE=${EVAL_RESERVE:-180}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run of the script without a GPU
+SERVER=${SERVER:-1}     # 0: skip the server benchmark
+SMOKE_METHODS=${SMOKE_METHODS:-isd,ddpm}
+MARGIN=${MARGIN:-40}
 WORK=${WORK:-/tmp/gpu_robomimic}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
@@ -31,6 +34,15 @@ CAN='{"isd": ["1"], "ddpm": ["ddpm:100"]}'
 finish() {
   cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
   tar -czf "$OUT/gpu_robomimic.tar.gz" -C "$WORK" --exclude='*.safetensors' . 2>/dev/null
+  # The final EMA weights of each run (in 15 MB parts, `cat weights.tar.part-* | tar -x`), so
+  # the evaluation can be redone elsewhere if it did not finish here.
+  local keep=()
+  for run in "$WORK"/can/*_s*; do
+    [ -f "$run/checkpoints/latest" ] || continue
+    local ckpt=${run#"$WORK"/}/checkpoints/$(cat "$run/checkpoints/latest")
+    keep+=("$ckpt/ema.safetensors" "$ckpt/policy.json" "$ckpt/config.yaml")
+  done
+  [ ${#keep[@]} -eq 0 ] || tar -cf - -C "$WORK" "${keep[@]}" | split -b 15m - "$OUT/weights.tar.part-"
   echo "stages:"
   cat "$OUT/stages.txt"
 }
@@ -54,15 +66,18 @@ print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_nam
   || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
 [ -d "$DATA" ] || { echo "no $DATA"; exit 1; }
 
-stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny \
-  --methods isd,ddpm --samplers "$CAN" --dataset "$DATA" --device "$DEVICE" \
+stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny --n-envs 2 \
+  --methods "$SMOKE_METHODS" --samplers "$CAN" --dataset "$DATA" --device "$DEVICE" \
   --out-dir "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
 
-stage server 120 "$PY" eval/bench_server.py --device "$DEVICE" --threads 2 --clients 1,4,16,64 \
-  --duration 2 --requests 300 --pace-ms 20 --out "$WORK/results/server_gpu.md"
+if [ "$SERVER" = 1 ]; then
+  stage server 120 "$PY" eval/bench_server.py --device "$DEVICE" --threads 2 \
+    --clients 1,4,16,64 --duration 2 --requests 300 --pace-ms 20 \
+    --out "$WORK/results/server_gpu.md"
+fi
 
 left=$((TOTAL - (SECONDS - START)))
-train_s=$((left - EVAL_RESERVE - 40))
+train_s=$((left - EVAL_RESERVE - MARGIN))
 [ $train_s -ge 60 ] || { echo "only ${left} s left: no time to train"; exit 1; }
 stage can $((left - 15)) "$PY" eval/compare.py --task robomimic_can_lowdim \
   --budget robomimic_gpu --methods isd,ddpm --samplers "$CAN" --dataset "$DATA" \

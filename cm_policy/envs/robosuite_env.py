@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -173,11 +174,20 @@ def import_robosuite() -> Any:
     """Import robosuite with its import-time warnings (no private macro file, optional robot
     packages) silenced, and its logger set to errors only."""
     previous = logging.root.manager.disable
+    gl = os.environ.get("MUJOCO_GL")
     logging.disable(logging.WARNING)
     try:
         import robosuite
     finally:
         logging.disable(previous)
+        # robosuite sets MUJOCO_GL=egl in os.environ when imported (its own renderer has read
+        # it by then). Put back what the user had: processes started later (the env workers)
+        # inherit the environment, and a worker whose MuJoCo import then loads EGL dies on a
+        # machine without libEGL even when it never renders (low-dim observations, no video).
+        if gl is None:
+            os.environ.pop("MUJOCO_GL", None)
+        else:
+            os.environ["MUJOCO_GL"] = gl
     logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
     return robosuite
 
