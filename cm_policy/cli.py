@@ -155,8 +155,8 @@ def cmd_eval(args: list[str]) -> dict:
     from cm_policy.evaluation.runner import evaluate_policy
     from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
-    folder = resolve_checkpoint(opts["checkpoint"])
     weights = opts.get("weights", "ema")
+    folder = resolve_checkpoint(opts["checkpoint"], weights)
     policy = load_policy(folder, weights=weights, device=opts.get("device", "auto"))
     if "sampler" in opts:  # the diffusion baseline's ddpm | ddim
         if not hasattr(policy.method, "sampler"):
@@ -235,7 +235,7 @@ def cmd_serve(args: list[str]) -> None:
     from cm_policy.serve import server
     from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
-    folder = resolve_checkpoint(opts["checkpoint"])
+    folder = resolve_checkpoint(opts["checkpoint"], opts.get("weights", "ema"))
     policy = load_policy(
         folder, weights=opts.get("weights", "ema"), device=opts.get("device", "auto")
     )

@@ -193,3 +193,16 @@ def test_compare_harness_runs_end_to_end_and_resumes(tiny_pusht: Path, tmp_path:
     again = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=str(tiny_pusht))
     assert (out / "isd_s0" / "compare" / "1" / "metrics.json").stat().st_mtime_ns == stamp
     assert json.dumps(again["runs"], sort_keys=True) == json.dumps(runs, sort_keys=True)
+
+
+def test_train_seconds_plans_the_steps_from_step_costs():
+    from cm_policy.evaluation.compare import RUN_OVERHEAD, plan_steps
+
+    costs = {"isd": 0.03, "ddpm": 0.02}
+    # 2 methods x 2 seeds at 0.05 s x RUN_OVERHEAD a step pair in 300 s, rounded down to 100s
+    expected = int(300 / (RUN_OVERHEAD * 0.05 * 2)) // 100 * 100
+    assert plan_steps(costs, ["isd", "ddpm"], 2, 300) == expected
+    assert expected * RUN_OVERHEAD * 0.05 * 2 <= 300
+    assert plan_steps(costs, ["isd"], 1, 1) == 100  # never fewer than 100
+    with pytest.raises(ValueError, match=r"no step cost for \['flow'\]"):
+        plan_steps(costs, ["isd", "flow"], 1, 300)

@@ -134,3 +134,38 @@ def test_bad_checkpoint_gives_clear_error(tmp_path: Path):
     (tmp_path / "policy.json").write_text("{}")
     with pytest.raises(ValueError, match="missing"):
         load_policy(tmp_path)
+
+
+def test_ema_only_checkpoint_loads_and_devices_are_checked(tmp_path: Path):
+    from cm_policy.training.checkpoint import save_policy
+
+    policy = make_policy()
+    folder = save_policy(policy, tmp_path)
+    (folder / "model.safetensors").unlink()  # a deployment copy with the EMA weights alone
+    assert resolve_checkpoint(tmp_path, "ema") == folder
+    with pytest.raises(ValueError, match=r"missing \['model.safetensors'\]"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="weights must be 'ema' or 'model', got 'best'"):
+        resolve_checkpoint(tmp_path, "best")
+    assert next(load_policy(tmp_path, device="cpu").parameters()).device.type == "cpu"
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(load_policy(tmp_path, device="auto").parameters()).device.type == auto
+    with pytest.raises(ValueError, match=r"device must be one of .* got 'tpu'"):
+        load_policy(tmp_path, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device; use device=cpu or auto"):
+            load_policy(tmp_path, device="cuda")
+
+
+def test_seeded_noise_is_the_cpu_generators_whatever_the_device():
+    from cm_policy.methods.base import noise
+
+    like = torch.zeros(1, dtype=torch.float32)
+    drawn = noise((3, 16, 2), like, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        drawn, torch.randn((3, 16, 2), generator=torch.Generator().manual_seed(5)), rtol=0, atol=0
+    )
+    if torch.cuda.is_available():  # a CUDA policy seeded from a CPU generator: the same noise
+        on_gpu = noise((3, 16, 2), like.cuda(), torch.Generator().manual_seed(5))
+        assert on_gpu.device.type == "cuda"
+        torch.testing.assert_close(on_gpu.cpu(), drawn, rtol=0, atol=0)

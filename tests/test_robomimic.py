@@ -384,3 +384,24 @@ def test_cli_convert(lift_demos, tmp_path, capsys):
     main(["data", "convert", "robomimic", str(path), str(tmp_path / "cli.zarr")])
     assert json.loads(capsys.readouterr().out)["episodes"] == 2
     assert ReplayBuffer.open(tmp_path / "cli.zarr").n_episodes == 2
+
+
+@pytest.mark.parametrize("setting", [None, "glfw"])
+def test_importing_robosuite_leaves_mujoco_gl_as_the_user_set_it(setting: str | None):
+    # robosuite sets MUJOCO_GL=egl on import; env workers started afterwards inherit the
+    # environment, and one that then loads EGL dies on a machine without libEGL.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    if setting is not None:
+        env["MUJOCO_GL"] = setting
+    code = (
+        "import os; from cm_policy.envs.robosuite_env import import_robosuite; "
+        "import_robosuite(); print(os.environ.get('MUJOCO_GL'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == str(setting)

@@ -304,6 +304,18 @@ def step_costs(cfgs: dict[str, Any], rounds: int = 3, steps: int = 4) -> dict[st
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def plan_steps(
+    costs: dict[str, float], methods: Sequence[str], n_seeds: int, seconds: float
+) -> int:
+    """Training steps (a multiple of 100, at least 100) with which every (method, seed) run
+    trains within ``seconds`` together, from bare step costs times ``RUN_OVERHEAD``."""
+    missing = sorted(set(methods) - set(costs))
+    if missing:
+        raise ValueError(f"no step cost for {missing}; measured: {sorted(costs)}")
+    per_step = RUN_OVERHEAD * sum(costs[m] for m in methods) * n_seeds
+    return max(100, int(seconds / per_step) // 100 * 100)
+
+
 def to_device(batch: tuple[dict, torch.Tensor], device: torch.device) -> tuple[dict, torch.Tensor]:
     obs, action = batch
     return {k: v.to(device) for k, v in obs.items()}, action.to(device)
@@ -456,9 +468,8 @@ def run_compare(
         # first (cached: a resumed comparison keeps its steps).
         probe = {m: training_config(task, m, budget, seeds[0], dataset, out) for m in methods}
         costs = cached(out / "step_costs.json", lambda: step_costs(probe))
-        per_step = RUN_OVERHEAD * sum(costs[m] for m in methods) * len(seeds)
-        steps = max(100, int(train_seconds / per_step) // 100 * 100)
-        print(f"== {steps} steps fit {train_seconds:g} s of training ({per_step:.3f} s a step)")
+        steps = plan_steps(costs, methods, len(seeds), train_seconds)
+        print(f"== {steps} steps fit {train_seconds:g} s of training")
         budget = dataclasses.replace(budget, steps=steps)
         changes = {**changes, "steps": steps}
     cfgs = {}
@@ -517,18 +528,22 @@ def run_compare(
         if snap == budget.steps and headline in entries:  # the fastest method: already done
             equal_wall = {k: v for k, v in entries[headline].items() if k != "latency_ms"}
         else:
-            snap_policy = load_policy(
-                run_dir / "checkpoints" / f"step_{snap:07d}", weights="ema", device=device
-            )
-            equal_wall = evaluate_entry(
-                snap_policy,
-                headline,
-                test_seeds,
-                run_dir / "compare" / f"wall_step{snap}_{headline.replace(':', '')}",
-                n_envs,
-                budget.max_steps,
-                budget.vector,
-            )
+            wall_dir = run_dir / "compare" / f"wall_step{snap}_{headline.replace(':', '')}"
+            if (wall_dir / "metrics.json").exists():  # done: the snapshot's weights not needed
+                equal_wall = json.loads((wall_dir / "metrics.json").read_text())
+            else:
+                snap_policy = load_policy(
+                    run_dir / "checkpoints" / f"step_{snap:07d}", weights="ema", device=device
+                )
+                equal_wall = evaluate_entry(
+                    snap_policy,
+                    headline,
+                    test_seeds,
+                    wall_dir,
+                    n_envs,
+                    budget.max_steps,
+                    budget.vector,
+                )
         bar.update()
         results["runs"][f"{method}_s{seed}"] = {
             "method": method,

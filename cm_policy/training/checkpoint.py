@@ -111,8 +111,14 @@ def save_policy(policy: Policy, run_dir: str | Path, step: int = 0) -> Path:
     )
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a ``checkpoints`` folder or a run folder (uses ``latest``)."""
+def resolve_checkpoint(path: str | Path, weights: str | None = None) -> Path:
+    """Accept a checkpoint folder, a ``checkpoints`` folder or a run folder (uses ``latest``).
+
+    ``weights`` ("ema" or "model"): only that weights file is required beside policy.json (a
+    deployment copy may carry the EMA weights alone); None requires both.
+    """
+    if weights not in (None, "ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     path = Path(path)
     for candidate in (path, path / "checkpoints"):
         latest = candidate / "latest"
@@ -121,10 +127,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             break
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    required = REQUIRED_FILES if weights is None else ("policy.json", f"{weights}.safetensors")
+    missing = [f for f in required if not (path / f).is_file()]
     if missing:
         raise ValueError(
-            f"{path} is not a cm-policy checkpoint: expected files {list(REQUIRED_FILES)}, "
+            f"{path} is not a cm-policy checkpoint: expected files {list(required)}, "
             f"missing {missing}"
         )
     return path
@@ -140,7 +147,7 @@ def load_policy(path: str | Path, weights: str = "ema", device: str = "cpu") -> 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     where = resolve_device(device, key="device")
-    folder = resolve_checkpoint(path)
+    folder = resolve_checkpoint(path, weights)
     spec = json.loads((folder / "policy.json").read_text())
     return Policy.from_weights(spec, load_file(folder / f"{weights}.safetensors")).to(where)
 
