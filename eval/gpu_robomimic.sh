@@ -24,8 +24,9 @@ SERVER=${SERVER:-1}     # 0: skip the server benchmark
 SMOKE_METHODS=${SMOKE_METHODS:-isd,ddpm}
 MARGIN=${MARGIN:-40}
 WORK=${WORK:-/tmp/gpu_robomimic}
-cd "$(dirname "$0")/.."
 mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 START=$SECONDS
 DATA=data/robomimic_can.zarr
@@ -48,17 +49,8 @@ finish() {
 }
 trap finish EXIT
 
-stage() {  # stage NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  echo "== $name (limit ${limit} s, at $((SECONDS - START)) s)"
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/stages.txt"
-  [ $rc -eq 0 ] || tail -30 "$WORK/logs/$name.log"
-  return $rc
-}
+STAGE_LOGS=$WORK/logs STAGE_SUMMARY=$OUT/stages.txt
+source eval/stage.sh
 
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 "$PY" -c "import torch, cm_policy.cli, robosuite
