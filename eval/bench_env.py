@@ -7,6 +7,10 @@ Both envs run the same loop (seeded random target actions, a seeded reset every
 in its own virtualenv (``--venv``, created on first use) because it pins pymunk 6 and pygame. Runs
 alternate ours / reference ``--repeats`` times; the table gives the median and the range. Writes
 ``bench_env.md`` to ``--out``.
+
+The robomimic envs (robosuite Lift, Can, Square: low-dim and camera steps/s, and the scripted
+experts' success) have their own benchmark, ``eval/bench_robomimic_env.py`` (robosuite is slow
+to import and is not needed for PushT).
 """
 
 from __future__ import annotations
