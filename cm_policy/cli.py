@@ -235,10 +235,9 @@ def cmd_serve(args: list[str]) -> None:
     from cm_policy.serve import server
     from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
-    folder = resolve_checkpoint(opts["checkpoint"], opts.get("weights", "ema"))
-    policy = load_policy(
-        folder, weights=opts.get("weights", "ema"), device=opts.get("device", "auto")
-    )
+    weights = opts.get("weights", "ema")
+    folder = resolve_checkpoint(opts["checkpoint"], weights)
+    policy = load_policy(folder, weights=weights, device=opts.get("device", "auto"))
 
     def announce(host: str, port: int) -> None:
         print(

@@ -289,7 +289,8 @@ def step_costs(cfgs: dict[str, Any], rounds: int = 3, steps: int = 4) -> dict[st
     for r in range(rounds + 1):
         for name, (policy, optimizer) in setups.items():
             batches = [
-                to_device(data.batch(rng, batch, policy.n_obs_steps), device) for _ in range(steps)
+                data.windows(data.draw(rng, batch), policy.n_obs_steps, device)
+                for _ in range(steps)
             ]
             sync()
             started = time.perf_counter()
@@ -316,11 +317,6 @@ def plan_steps(
     return max(100, int(seconds / per_step) // 100 * 100)
 
 
-def to_device(batch: tuple[dict, torch.Tensor], device: torch.device) -> tuple[dict, torch.Tensor]:
-    obs, action = batch
-    return {k: v.to(device) for k, v in obs.items()}, action.to(device)
-
-
 @torch.no_grad()
 def chunk_spread(policy: Any, cfg, sampler: str, n_obs: int = 64, n_draws: int = 16) -> dict:
     """Degeneracy check: for fixed observations, how much do chunks vary across noise draws?
@@ -331,8 +327,8 @@ def chunk_spread(policy: Any, cfg, sampler: str, n_obs: int = 64, n_draws: int =
     from cm_policy.training.trainer import TrainingData
 
     data = TrainingData(cfg)
-    batch = data.batch(np.random.default_rng(12345), n_obs, policy.n_obs_steps)
-    obs, action = to_device(batch, next(policy.parameters()).device)
+    rows = data.draw(np.random.default_rng(12345), n_obs)
+    obs, action = data.windows(rows, policy.n_obs_steps, next(policy.parameters()).device)
     steps = apply_sampler(policy, sampler)
     gen = torch.Generator().manual_seed(0)
     cond = policy.obs_encoder(policy.normalize_obs(obs))
