@@ -20,14 +20,16 @@ commands:
   data generate pusht [n=100 out=data/pusht_generated.zarr seed=0 workers=2 images=true]
                                       plan PushT demonstrations offline (keeps successful ones)
   data generate robomimic task=lift|can|square [n=200 out=data/robomimic_<task>.hdf5 seed=0
-       images=false]                  scripted-expert demos in robomimic's HDF5 layout (+ .zarr)
-  data convert robomimic IN.hdf5 OUT.zarr [abs_action=false image=false filter_key=NAME]
-                                      a robomimic HDF5 dataset as a zarr buffer for training
+       images=false recovery=0]       scripted-expert demos in robomimic's HDF5 layout (+ .zarr);
+                                      recovery=F: that fraction starts from a disturbed state
+  data convert robomimic IN.hdf5 [IN2.hdf5 ...] OUT.zarr [abs_action=false image=false
+       filter_key=NAME]               robomimic HDF5 datasets (one task) as one zarr buffer
   train [task=... method=... model=... key=value ...]
                                       train a policy (Hydra overrides of config/config.yaml);
                                       data-parallel under torchrun --nproc_per_node=N
   eval checkpoint=PATH [steps=1 n_episodes=50 start_seed=100000 n_envs=2 n_videos=4 out=DIR
-       sampler=ddpm|ddim]             closed-loop evaluation of a checkpoint on the test seeds
+       sampler=ddpm|ddim device=auto n_action_steps=N]
+                                      closed-loop evaluation of a checkpoint on the test seeds
   run [key=value ...]                 the end-to-end job: demos -> train -> eval -> report
   serve checkpoint=PATH [host=127.0.0.1 port=8765 max_batch=64 batch_wait_ms=2 threads=1]
                                       serve a checkpoint as a WebSocket action server
@@ -89,8 +91,9 @@ def cmd_data(args: list[str]) -> None:
     if args[:2] == ["generate", "robomimic"]:
         generate_robomimic(args[2:])
         return
-    if args[:2] == ["convert", "robomimic"] and len(args) >= 4:
-        convert_robomimic(args[2], args[3], args[4:])
+    paths = [a for a in args[2:] if "=" not in a]
+    if args[:2] == ["convert", "robomimic"] and len(paths) >= 2:
+        convert_robomimic(paths[:-1], paths[-1], [a for a in args[2:] if "=" in a])
         return
     raise SystemExit(
         "usage: cm-policy data info PATH | cm-policy data generate pusht|robomimic [k=v ...] | "
@@ -100,7 +103,16 @@ def cmd_data(args: list[str]) -> None:
 
 def generate_robomimic(args: list[str]) -> None:
     opts = parse_pairs(
-        args, {"task": str, "n": int, "out": str, "seed": int, "images": bool, "overwrite": bool}
+        args,
+        {
+            "task": str,
+            "n": int,
+            "out": str,
+            "seed": int,
+            "images": bool,
+            "overwrite": bool,
+            "recovery": float,
+        },
     )
     if "task" not in opts:
         raise SystemExit("error: cm-policy data generate robomimic needs task=lift|can|square")
@@ -114,16 +126,17 @@ def generate_robomimic(args: list[str]) -> None:
         seed=opts.get("seed", 0),
         images=opts.get("images", False),
         overwrite=opts.get("overwrite", False),
+        recovery=opts.get("recovery", 0.0),
     )
 
 
-def convert_robomimic(source: str, out: str, args: list[str]) -> None:
+def convert_robomimic(sources: list[str], out: str, args: list[str]) -> None:
     opts = parse_pairs(
         args, {"abs_action": bool, "image": bool, "filter_key": str, "overwrite": bool}
     )
     from cm_policy.data.robomimic_hdf5 import convert_to_zarr
 
-    stats = convert_to_zarr(source, out, **opts)
+    stats = convert_to_zarr(sources, out, **opts)
     print(json.dumps(stats, indent=2))
 
 
@@ -148,6 +161,7 @@ def cmd_eval(args: list[str]) -> dict:
             "weights": str,
             "sampler": str,
             "device": str,
+            "n_action_steps": int,
         },
     )
     if "checkpoint" not in opts:
@@ -162,9 +176,16 @@ def cmd_eval(args: list[str]) -> dict:
         if not hasattr(policy.method, "sampler"):
             raise SystemExit(f"error: method {policy.method.name} has no sampler= choice")
         policy.method.sampler = opts["sampler"]
+    if "n_action_steps" in opts:
+        try:
+            policy.set_n_action_steps(opts["n_action_steps"])
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     steps = opts.get("steps", policy.method.default_steps)
     start, n = opts.get("start_seed", 100000), opts.get("n_episodes", 50)
     tag = f"{opts['sampler']}{steps}" if "sampler" in opts else f"steps{steps}"
+    if "n_action_steps" in opts:
+        tag += f"_exec{policy.n_action_steps}"
     out = Path(opts.get("out", folder.parent.parent / "eval" / f"{folder.name}_{tag}"))
     metrics = evaluate_policy(
         policy,
@@ -174,7 +195,11 @@ def cmd_eval(args: list[str]) -> dict:
         max_steps=opts.get("max_steps", policy.spec["task"].get("max_steps", 300)),
         n_envs=opts.get("n_envs", 2),
         n_videos=opts.get("n_videos", 4),
-        extra={"checkpoint": str(folder), "weights": weights},
+        extra={
+            "checkpoint": str(folder),
+            "weights": weights,
+            "n_action_steps": policy.n_action_steps,
+        },
     )
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}/metrics.json, episodes.json, summary.png and videos/")

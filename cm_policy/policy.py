@@ -42,11 +42,7 @@ class Policy(nn.Module):
                 f"horizon {self.horizon} must be divisible by 2^{levels - 1} for "
                 f"{levels} U-Net levels (down_dims {model['down_dims']})"
             )
-        if self.n_obs_steps + self.n_action_steps - 1 > self.horizon:
-            raise ValueError(
-                f"n_obs_steps + n_action_steps - 1 = "
-                f"{self.n_obs_steps + self.n_action_steps - 1} exceeds horizon {self.horizon}"
-            )
+        self.set_n_action_steps(self.n_action_steps)
         if self.image_keys:
             self.obs_encoder: nn.Module = ImageEncoder(
                 self.image_keys,
@@ -69,7 +65,18 @@ class Policy(nn.Module):
         self.method: Method = make_method(method.pop("name"), **method)
         self.normalizer = normalizer
 
+    def set_n_action_steps(self, n: int) -> None:
+        """How many actions of each chunk are executed before replanning (an evaluation choice:
+        fewer means more closed-loop corrections, more means fewer network evaluations)."""
+        if n < 1 or self.n_obs_steps + n - 1 > self.horizon:
+            raise ValueError(
+                f"n_action_steps must be in [1, {self.horizon - self.n_obs_steps + 1}] "
+                f"(horizon {self.horizon}, n_obs_steps {self.n_obs_steps}), got {n}"
+            )
+        self.n_action_steps = int(n)
+
     # --- training ------------------------------------------------------------------------------
+
     def normalize_obs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {k: self.normalizer.normalize(k, obs[k].float()) for k in self.low_dim}
         out.update({k: obs[k] for k in self.image_keys})

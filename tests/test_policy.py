@@ -95,6 +95,14 @@ def test_one_step_sampling_shape_and_range():
     assert np.all(action >= 50 - 1e-3) and np.all(action <= 450 + 1e-3)
     two = policy.predict_action(obs, steps=2)
     assert two.shape == (3, 8, 2)
+    # Executing fewer (or more) actions per chunk is an evaluation choice, within the horizon.
+    policy.set_n_action_steps(4)
+    assert policy.predict_action(obs).shape == (3, 4, 2)
+    policy.set_n_action_steps(15)
+    assert policy.predict_action(obs).shape == (3, 15, 2)
+    for bad in (0, 16):
+        with pytest.raises(ValueError, match=rf"n_action_steps must be in \[1, 15\].*got {bad}"):
+            policy.set_n_action_steps(bad)
 
 
 def test_predict_action_rejects_bad_observations():

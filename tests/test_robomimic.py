@@ -177,6 +177,38 @@ def test_hdf5_convert_delta_actions(tmp_path):
     assert not (tmp_path / "img.zarr").exists()
 
 
+def test_convert_several_files_into_one_buffer(tmp_path):
+    first, second = tmp_path / "a.hdf5", tmp_path / "b.hdf5"
+    demos_a, demos_b = write_fake(first), write_fake(second, lengths=(4,))
+    convert_to_zarr([first, second], tmp_path / "ab.zarr", progress=False)
+    buffer = ReplayBuffer.load(tmp_path / "ab.zarr")
+    np.testing.assert_array_equal(buffer.episode_ends, [5, 8, 12])
+    np.testing.assert_allclose(buffer["action"][8:], demos_b[0]["actions"], rtol=1e-6)
+    np.testing.assert_allclose(buffer["action"][:5], demos_a[0]["actions"], rtol=1e-6)
+    # The filter key applies to each file: demo_0 of both.
+    stats = convert_to_zarr(
+        [first, second], tmp_path / "train.zarr", filter_key="train", progress=False
+    )
+    assert stats["episodes"] == 2
+    # Files of different tasks (or controllers) do not mix.
+    with h5py.File(second, "a") as f:
+        f["data"].attrs["env_args"] = json.dumps({**FAKE_META, "env_name": "PickPlaceCan"})
+    with pytest.raises(DatasetError, match=r"env_args differ.*'PickPlaceCan' vs 'Lift'"):
+        convert_to_zarr([first, second], tmp_path / "mixed.zarr", progress=False)
+    assert not (tmp_path / "mixed.zarr").exists()
+
+
+def test_recovery_attempts_are_spread_evenly():
+    from cm_policy.envs.robomimic_experts import is_recovery_attempt
+
+    def kinds(fraction: float) -> list[bool]:
+        return [is_recovery_attempt(i, fraction) for i in range(8)]
+
+    assert kinds(0.0) == [False] * 8 and kinds(1.0) == [True] * 8
+    assert kinds(0.5) == [False, True] * 4
+    assert sum(kinds(0.25)) == 2
+
+
 def test_bad_hdf5_clear_errors(tmp_path):
     path = tmp_path / "bad.hdf5"
     write_fake(path)
@@ -256,6 +288,40 @@ def test_can_expert_succeeds():
     (episode,) = expert_episodes("can", range(1))
     assert episode.success and episode.n_steps < 300
     assert episode.rewards[-1] == 1.0 and episode.dones[-1] == 1
+
+
+@needs_robosuite
+def test_recovery_demos_start_off_course_and_replay(tmp_path):
+    from cm_policy.envs.robomimic_experts import generate_robomimic_dataset, run_expert
+    from cm_policy.envs.robosuite_env import RobosuiteEnv
+
+    path = tmp_path / "lift.hdf5"
+    stats = generate_robomimic_dataset(
+        "lift", path, n_episodes=2, seed=7, recovery=0.5, convert=False, progress=False
+    )
+    assert stats["recovery_demos"] == 1 and stats["recovery_attempts"] >= 1
+    with RobomimicDataset(path) as ds:
+        assert len(ds.mask("full")) == 1
+        (recovery,) = ds.mask("recovery")
+        attrs = ds._file["data"][recovery].attrs
+        skipped, seed = int(attrs["recorded_from"]), int(attrs["seed"])
+        demo = ds.demo(recovery)
+        env = RobosuiteEnv(env_meta=ds.env_meta)
+    try:
+        reference = run_expert(env, seed)  # the undisturbed expert from the same initial state
+        assert 10 <= skipped < reference.n_steps
+        # The recording starts where the push left the gripper, centimetres off the expert's path.
+        off = np.linalg.norm(
+            demo["obs"]["robot0_eef_pos"][0] - reference.obs["robot0_eef_pos"][skipped]
+        )
+        assert off > 0.01, off
+        # It replays: the recorded actions are the executed ones.
+        env.reset_to(demo["states"][0], demo["model_xml"])
+        for action in demo["actions"]:
+            *_, info = env.step(action)
+        assert info["is_success"]
+    finally:
+        env.close()
 
 
 @needs_robosuite
@@ -384,6 +450,19 @@ def test_cli_convert(lift_demos, tmp_path, capsys):
     main(["data", "convert", "robomimic", str(path), str(tmp_path / "cli.zarr")])
     assert json.loads(capsys.readouterr().out)["episodes"] == 2
     assert ReplayBuffer.open(tmp_path / "cli.zarr").n_episodes == 2
+    # Several inputs, options after them.
+    main(
+        [
+            "data",
+            "convert",
+            "robomimic",
+            str(path),
+            str(path),
+            str(tmp_path / "x2.zarr"),
+            "overwrite=true",
+        ]
+    )
+    assert json.loads(capsys.readouterr().out)["episodes"] == 4
 
 
 @pytest.mark.parametrize("setting", [None, "glfw"])

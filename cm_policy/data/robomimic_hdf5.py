@@ -83,8 +83,10 @@ class RobomimicWriter:
         rewards: np.ndarray | None = None,
         dones: np.ndarray | None = None,
         model_xml: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
     ) -> str:
-        """Append one demo of T steps; returns its name (``demo_<i>``)."""
+        """Append one demo of T steps; returns its name (``demo_<i>``). ``attrs`` are extra
+        attributes of the demo's group."""
         actions = np.asarray(actions, dtype=np.float64)
         n = len(actions)
         if n == 0:
@@ -113,6 +115,8 @@ class RobomimicWriter:
         demo.attrs["num_samples"] = n
         if model_xml is not None:
             demo.attrs["model_file"] = model_xml
+        for key, value in (attrs or {}).items():
+            demo.attrs[key] = value
         self._total += n
         self.demo_names.append(name)
         return name
@@ -350,7 +354,7 @@ def delta_to_abs_actions(
 
 # --- conversion to zarr -----------------------------------------------------------------------
 def convert_to_zarr(
-    hdf5_path: str | Path,
+    hdf5_path: str | Path | Sequence[str | Path],
     out: str | Path,
     abs_action: bool = False,
     image: bool = False,
@@ -364,6 +368,8 @@ def convert_to_zarr(
     ``robot0_gripper_qpos``), the two camera images with ``image``, and ``action``: the recorded
     7-D delta actions, or with ``abs_action`` 10-D absolute ones (replayed through the controller
     for delta datasets). The dataset's env metadata is kept in ``<out>/env_args.json``.
+    Several files (e.g. clean and recovery demonstrations of one task) are written one after
+    the other into one buffer; their env metadata must agree (``filter_key`` applies to each).
     """
     from tqdm import tqdm
 
@@ -378,22 +384,39 @@ def convert_to_zarr(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; remove it or pass overwrite=True")
     keys = list(LOW_DIM_KEYS) + (list(IMAGE_KEYS) if image else [])
+    sources = [hdf5_path] if isinstance(hdf5_path, (str, Path)) else list(hdf5_path)
+    if not sources:
+        raise ValueError("convert_to_zarr needs at least one HDF5 file")
     started = time.perf_counter()
-    with RobomimicDataset(hdf5_path) as dataset:
-        names = dataset.mask(filter_key) if filter_key else dataset.demo_names
-        try:
-            dataset.check_obs_keys(keys)
-        except DatasetError as exc:
-            hint = " (image=true needs a dataset recorded with images)" if image else ""
-            raise DatasetError(f"{exc}{hint}") from None
+    datasets: list[RobomimicDataset] = []
+    try:
+        datasets += [RobomimicDataset(path) for path in sources]
+        env_meta = datasets[0].env_meta
+        selected = []
+        for dataset in datasets:
+            if dataset.env_meta != env_meta:
+                raise DatasetError(
+                    f"{dataset.path}: env_args differ from {datasets[0].path}'s (env "
+                    f"{dataset.env_meta.get('env_name')!r} vs {env_meta.get('env_name')!r}); "
+                    "one buffer holds one task with one controller"
+                )
+            try:
+                dataset.check_obs_keys(keys)
+            except DatasetError as exc:
+                hint = " (image=true needs a dataset recorded with images)" if image else ""
+                raise DatasetError(f"{exc}{hint}") from None
+            names = dataset.mask(filter_key) if filter_key else dataset.demo_names
+            selected += [(dataset, name) for name in names]
         replay_env = None
-        already_absolute = controller_is_absolute(dataset.env_meta)
+        already_absolute = controller_is_absolute(env_meta)
         if abs_action and not already_absolute:
-            replay_env = RobosuiteEnv(env_meta=dataset.env_meta, obs_type="lowdim")
+            replay_env = RobosuiteEnv(env_meta=env_meta, obs_type="lowdim")
         with atomic_directory(out) as tmp:
             buffer = ReplayBuffer.create(tmp)
             try:
-                for name in tqdm(names, desc="convert", unit="demo", disable=not progress):
+                for dataset, name in tqdm(
+                    selected, desc="convert", unit="demo", disable=not progress
+                ):
                     demo = dataset.demo(name, obs_keys=keys)
                     episode = {k: demo["obs"][k] for k in keys}
                     for k in LOW_DIM_KEYS:
@@ -410,9 +433,13 @@ def convert_to_zarr(
             finally:
                 if replay_env is not None:
                     replay_env.close()
-            (tmp / ENV_ARGS_FILE).write_text(json.dumps(dataset.env_meta, indent=2))
+            (tmp / ENV_ARGS_FILE).write_text(json.dumps(env_meta, indent=2))
+    finally:
+        for dataset in datasets:
+            dataset.close()
     stats = {
-        "episodes": len(names),
+        "sources": [str(path) for path in sources],
+        "episodes": len(selected),
         "steps": buffer.n_steps,
         "keys": [*keys, "action"],
         "abs_action": abs_action,

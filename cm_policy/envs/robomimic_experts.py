@@ -7,6 +7,14 @@ bin, over the peg), release. Each episode draws its own waypoint offsets, approa
 grasp pauses and a little action noise, so that trajectories vary as human demos do. Actions are
 robosuite's 7-D delta OSC_POSE commands, as in robomimic's datasets; only successful episodes are
 kept, in robomimic's HDF5 layout, and the attempt success rate is reported.
+
+Recovery demonstrations (``recovery=`` of :func:`generate_robomimic_dataset`): a policy that drifts
+a few centimetres off the expert's path meets states no clean demonstration visits. A recovery
+attempt runs the expert unrecorded from the initial state to a random moment of its task, pushes
+the gripper off course for a few steps (a random displacement of 3-10 cm, the gripper's
+orientation and fingers as the expert wants them), and records only what follows: the expert
+bringing the task back on track from the disturbed state to success. The recorded actions are the
+ones executed, so the demos replay exactly, and no label is ever a disturbance.
 """
 
 from __future__ import annotations
@@ -43,6 +51,15 @@ MAX_TURN = 1.0  # rad: how far ahead of the gripper's yaw a turning goal is set
 EXPERT_MAX_STEPS = {"lift": 200, "can": 400, "square": 400}
 # Attempts are bounded so that a broken expert fails loudly instead of running forever.
 MAX_ATTEMPTS_PER_EPISODE = 4
+# Recovery attempts: the disturbance starts after a uniform draw of [10, PUSH_BEFORE[task]) expert
+# steps, once the expert is not holding still to close or open its fingers; it lasts 3-6 steps
+# and moves the gripper's target 3-10 cm in a random direction (downward at most a little: a push
+# into the table only makes a failed attempt). Recordings shorter than MIN_RECORDED are dropped.
+PUSH_BEFORE = {"lift": 30, "can": 110, "square": 130}
+PUSH_STEPS = (3, 7)
+PUSH_DISTANCE = (0.03, 0.10)
+POSITION_SCALE = 0.05  # m of target motion per unit of position action (OSC_POSE)
+MIN_RECORDED = 10
 
 
 def yaw_of_quat_wxyz(quat: np.ndarray) -> float:
@@ -102,6 +119,8 @@ class WaypointExpert:
     """Base class: servo the gripper to a target position and yaw; phases live in subclasses."""
 
     task = ""
+    # Phases in which the expert holds still to close or open the fingers: never disturbed.
+    hold_phases: frozenset[int] = frozenset({2})
 
     def __init__(self, env: RobosuiteEnv, rng: np.random.Generator):
         if env.abs_action:
@@ -226,6 +245,7 @@ class CanExpert(WaypointExpert):
     """Grasp the can from above, carry it over its bin, lower, release and retreat upwards."""
 
     task = "can"
+    hold_phases = frozenset({2, 6})
 
     def __init__(self, env: RobosuiteEnv, rng: np.random.Generator):
         super().__init__(env, rng)
@@ -274,6 +294,7 @@ class SquareExpert(WaypointExpert):
     """Grasp the square nut by its handle, square it to the peg, lower it over the peg, release."""
 
     task = "square"
+    hold_phases = frozenset({2, 6})
 
     def __init__(self, env: RobosuiteEnv, rng: np.random.Generator):
         super().__init__(env, rng)
@@ -369,24 +390,69 @@ class ExpertEpisode:
     rewards: np.ndarray
     dones: np.ndarray
     model_xml: str
+    # Recovery attempts: unrecorded env steps (expert + push) before the first recorded state.
+    recorded_from: int = 0
 
     @property
     def n_steps(self) -> int:
         return len(self.actions)
+
+    @classmethod
+    def failed(cls, seed: int, env: RobosuiteEnv) -> ExpertEpisode:
+        """An attempt that recorded nothing (a recovery attempt that succeeded or ran out of
+        steps before its disturbance ended)."""
+        empty = np.zeros((0,))
+        return cls(seed, False, empty, empty, {}, {}, empty, empty, env.get_model_xml())
 
 
 def _stack(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([f[k] for f in frames]) for k in frames[0]}
 
 
-def run_expert(env: RobosuiteEnv, seed: int, max_steps: int | None = None) -> ExpertEpisode:
-    """One expert episode from initial state ``seed`` (expert randomness seeded by it too)."""
+def push_off_course(expert: WaypointExpert, rng: np.random.Generator) -> int | None:
+    """Run ``expert`` unrecorded to a random moment, then disturb the gripper (see the module
+    docstring). Returns the env steps taken, or None when the task already succeeded."""
+    env = expert.env
+    start = int(rng.integers(10, PUSH_BEFORE[env.task]))
+    steps = 0
+    while steps < start or expert.phase in expert.hold_phases:
+        steps += 1
+        if env.step(expert.act())[4]["is_success"]:
+            return None
+    n_push = int(rng.integers(*PUSH_STEPS))
+    direction = rng.normal(size=3)
+    direction[2] = rng.uniform(-0.2, 0.6) * np.linalg.norm(direction[:2])
+    direction /= np.linalg.norm(direction)
+    move = direction * rng.uniform(*PUSH_DISTANCE) / n_push / POSITION_SCALE
+    for _ in range(n_push):
+        action = expert.act()
+        action[:3] = move
+        steps += 1
+        if env.step(action)[4]["is_success"]:
+            return None
+    return steps
+
+
+def run_expert(
+    env: RobosuiteEnv, seed: int, max_steps: int | None = None, recovery: bool = False
+) -> ExpertEpisode:
+    """One expert episode from initial state ``seed`` (expert randomness seeded by it too).
+
+    With ``recovery`` the recording starts after an unrecorded disturbance
+    (:func:`push_off_course`); ``max_steps`` bounds the whole episode, disturbance included.
+    """
     env.reset(seed=seed)
     expert = EXPERTS[env.task](env, np.random.default_rng([seed, 1]))
     max_steps = max_steps or EXPERT_MAX_STEPS[env.task]
+    recorded_from = 0
+    if recovery:
+        pushed = push_off_course(expert, np.random.default_rng([seed, 2]))
+        if pushed is None or pushed > max_steps - MIN_RECORDED:
+            return ExpertEpisode.failed(seed, env)
+        recorded_from = pushed
     states, actions, rewards, frames = [], [], [], [env.full_obs()]
     success = False
-    for _ in range(max_steps):
+    for _ in range(max_steps - recorded_from):
         states.append(env.get_state())
         action = expert.act()
         _, reward, _, _, info = env.step(action)
@@ -409,15 +475,27 @@ def run_expert(env: RobosuiteEnv, seed: int, max_steps: int | None = None) -> Ex
         rewards=np.asarray(rewards, dtype=np.float64),
         dones=dones,
         model_xml=env.get_model_xml(),
+        recorded_from=recorded_from,
     )
 
 
-def expert_episodes(task: str, seeds: range, images: bool = False) -> Iterator[ExpertEpisode]:
-    """Expert attempts on consecutive seeds in one env (successful or not)."""
+def is_recovery_attempt(index: int, recovery: float) -> bool:
+    """Whether attempt ``index`` is a recovery attempt, for a fraction ``recovery`` of attempts
+    spread evenly (0: none, 0.5: every other one, 1: all)."""
+    return math.floor((index + 1) * recovery) > math.floor(index * recovery)
+
+
+def expert_episodes(
+    task: str, seeds: range, images: bool = False, recovery: float = 0.0
+) -> Iterator[ExpertEpisode]:
+    """Expert attempts on consecutive seeds in one env (successful or not); the fraction
+    ``recovery`` of them are recovery attempts (:func:`run_expert`)."""
+    if not 0.0 <= recovery <= 1.0:
+        raise ValueError(f"recovery is a fraction of attempts in [0, 1], got {recovery}")
     env = RobosuiteEnv(task=task, obs_type="image" if images else "lowdim")
     try:
-        for seed in seeds:
-            yield run_expert(env, seed)
+        for i, seed in enumerate(seeds):
+            yield run_expert(env, seed, recovery=is_recovery_attempt(i, recovery))
     finally:
         env.close()
 
@@ -431,13 +509,17 @@ def generate_robomimic_dataset(
     overwrite: bool = False,
     convert: bool = True,
     progress: bool = True,
+    recovery: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``n_episodes`` successful expert demos to the robomimic HDF5 file ``out``.
 
     Attempts start from initial states ``seed, seed + 1, ...`` (keep them far from the test
-    seeds 100000..). With ``convert`` the demos are also written as a zarr ReplayBuffer beside it
-    (``out`` with the suffix ``.zarr``) for training. Returns the attempt statistics, also
-    stored in ``<out>.json``.
+    seeds 100000..). A fraction ``recovery`` of the attempts are recovery demonstrations (see the
+    module docstring); they are listed in the filter key ``mask/recovery`` (the others in
+    ``mask/full``) and carry the attribute ``recorded_from`` (unrecorded steps before their first
+    state); every demo records its initial state's ``seed``. With ``convert`` the demos are also
+    written as a zarr ReplayBuffer beside it (``out`` with the suffix ``.zarr``) for training.
+    Returns the attempt statistics, also stored in ``<out>.json``.
     """
     from tqdm import tqdm
 
@@ -456,14 +538,18 @@ def generate_robomimic_dataset(
     started = time.perf_counter()
     limit = MAX_ATTEMPTS_PER_EPISODE * n_episodes
     attempts, lengths = 0, []
+    kinds: dict[str, list[str]] = {"full": [], "recovery": []}
+    recovery_attempts = 0
     writer = RobomimicWriter(out, default_env_meta(task), overwrite=overwrite)
     bar = tqdm(total=n_episodes, desc=f"{task} demos", unit="demo", disable=not progress)
-    episodes = expert_episodes(task, range(seed, seed + limit), images)
+    episodes = expert_episodes(task, range(seed, seed + limit), images, recovery)
     try:
         for episode in episodes:
+            kind = "recovery" if is_recovery_attempt(attempts, recovery) else "full"
+            recovery_attempts += kind == "recovery"
             attempts += 1
             if episode.success:
-                writer.add_demo(
+                name = writer.add_demo(
                     episode.states,
                     episode.actions,
                     episode.obs,
@@ -471,7 +557,10 @@ def generate_robomimic_dataset(
                     episode.rewards,
                     episode.dones,
                     episode.model_xml,
+                    attrs={"seed": episode.seed}
+                    | ({"recorded_from": episode.recorded_from} if recovery else {}),
                 )
+                kinds[kind].append(name)
                 lengths.append(episode.n_steps)
                 bar.update(1)
             bar.set_postfix(success=f"{len(lengths)}/{attempts}")
@@ -482,6 +571,9 @@ def generate_robomimic_dataset(
                 f"the {task} expert succeeded in only {len(lengths)} of {attempts} attempts "
                 f"(expected {n_episodes} successes within {limit})"
             )
+        if recovery:
+            for kind, names in kinds.items():
+                writer.add_mask(kind, names)
     except BaseException:
         writer.abort()
         raise
@@ -499,6 +591,9 @@ def generate_robomimic_dataset(
         "mean_length": float(np.mean(lengths)),
         "max_length": int(max(lengths)),
         "images": images,
+        "recovery": recovery,
+        "recovery_demos": len(kinds["recovery"]),
+        "recovery_attempts": recovery_attempts,
         "wall_s": wall,
         "episodes_per_minute": len(lengths) / wall * 60,
         "hdf5": str(out),
