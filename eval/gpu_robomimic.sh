@@ -4,8 +4,10 @@
 #
 #   bash eval/gpu_robomimic.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]
 #
-# Needs data/robomimic_can.zarr (`cm-policy data generate robomimic task=can n=200 seed=0`) and a
-# PYTHON with CUDA torch that imports this package and robosuite. Within TOTAL_SECONDS (default
+# Needs the Can buffer DATA (default data/robomimic_can.zarr: `cm-policy data generate robomimic
+# task=can n=200 seed=0`; the CPU's best so far is clean + recovery demos, DATA=
+# data/robomimic_can_mix.zarr, see eval/results/robomimic.md) and a PYTHON with CUDA torch that
+# imports this package and robosuite. Within TOTAL_SECONDS (default
 # 560), in this order:
 #   1. smoke: eval/compare.py's tiny budget on Can with training, evaluation and sampling on the
 #      GPU (~30 s); a failure stops the script at once, so a fixed rerun costs little;
@@ -29,7 +31,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 START=$SECONDS
-DATA=data/robomimic_can.zarr
+DATA=${DATA:-data/robomimic_can.zarr}
 CAN='{"isd": ["1"], "ddpm": ["ddpm:100"]}'
 
 finish() {

@@ -54,7 +54,8 @@ MAX_ATTEMPTS_PER_EPISODE = 4
 # Recovery attempts: the disturbance starts after a uniform draw of [10, PUSH_BEFORE[task]) expert
 # steps, once the expert is not holding still to close or open its fingers; it lasts 3-6 steps
 # and moves the gripper's target 3-10 cm in a random direction (downward at most a little: a push
-# into the table only makes a failed attempt). Recordings shorter than MIN_RECORDED are dropped.
+# into the table only makes a failed attempt). An attempt with fewer than MIN_RECORDED of its
+# steps left after the push records nothing.
 PUSH_BEFORE = {"lift": 30, "can": 110, "square": 130}
 PUSH_STEPS = (3, 7)
 PUSH_DISTANCE = (0.03, 0.10)
