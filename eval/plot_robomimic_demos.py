@@ -30,12 +30,11 @@ from cm_policy.data.robomimic_hdf5 import RobomimicDataset
 
 def eef_paths(paths: list[str], per_kind: int) -> tuple[dict[str, list[np.ndarray]], list]:
     """End-effector positions (T, 3) of up to ``per_kind`` demos per kind (full, recovery), and
-    (task, seed, recorded_from) of each recovery demo."""
+    (env_meta, seed, recorded_from) of each recovery demo."""
     out: dict[str, list[np.ndarray]] = {"full": [], "recovery": []}
     starts = []
     for path in paths:
         with RobomimicDataset(path) as ds:
-            task = ds.env_meta["env_name"]
             for kind in out:
                 try:
                     names = ds.mask(kind)
@@ -45,8 +44,10 @@ def eef_paths(paths: list[str], per_kind: int) -> tuple[dict[str, list[np.ndarra
                     demo = ds.demo(name, obs_keys=["robot0_eef_pos"])
                     out[kind].append(demo["obs"]["robot0_eef_pos"])
                     if kind == "recovery":
-                        attrs = ds._file["data"][name].attrs
-                        starts.append((task, int(attrs["seed"]), int(attrs["recorded_from"])))
+                        attrs = ds.demo_attrs(name)
+                        starts.append(
+                            (ds.env_meta, int(attrs["seed"]), int(attrs["recorded_from"]))
+                        )
     return out, starts
 
 
@@ -54,14 +55,15 @@ def start_offsets(paths: dict[str, list[np.ndarray]], starts: list) -> np.ndarra
     """Distance (m) from each recovery demo's first gripper position to the undisturbed
     expert's at the same step from the same initial state."""
     from cm_policy.envs.robomimic_experts import run_expert
-    from cm_policy.envs.robosuite_env import TASKS, RobosuiteEnv
+    from cm_policy.envs.robosuite_env import RobosuiteEnv
 
-    names = {env_name: task for task, env_name in TASKS.items()}
     offsets, envs = [], {}
     try:
-        for path, (env_name, seed, skipped) in zip(paths["recovery"], starts, strict=True):
-            task = names.get(env_name, env_name)
-            env = envs.setdefault(task, RobosuiteEnv(task=task, obs_type="lowdim"))
+        for path, (env_meta, seed, skipped) in zip(paths["recovery"], starts, strict=True):
+            name = env_meta["env_name"]
+            if name not in envs:  # the env the demos were recorded in
+                envs[name] = RobosuiteEnv(env_meta=env_meta, obs_type="lowdim")
+            env = envs[name]
             ref = run_expert(env, seed).obs["robot0_eef_pos"]
             if skipped < len(ref):  # else the undisturbed expert had already succeeded
                 offsets.append(float(np.linalg.norm(path[0] - ref[skipped])))

@@ -303,7 +303,7 @@ def test_recovery_demos_start_off_course_and_replay(tmp_path):
     with RobomimicDataset(path) as ds:
         assert len(ds.mask("full")) == 1
         (recovery,) = ds.mask("recovery")
-        attrs = ds._file["data"][recovery].attrs
+        attrs = ds.demo_attrs(recovery)
         skipped, seed = int(attrs["recorded_from"]), int(attrs["seed"])
         demo = ds.demo(recovery)
         env = RobosuiteEnv(env_meta=ds.env_meta)

@@ -270,6 +270,14 @@ class RobomimicDataset:
     def demo_length(self, name: str) -> int:
         return int(self._file[DATA_GROUP][name]["actions"].shape[0])
 
+    def demo_attrs(self, name: str) -> dict[str, Any]:
+        """A demo's attributes other than ``num_samples`` and ``model_file`` (e.g. the ``seed``
+        and ``recorded_from`` of generated demos)."""
+        if name not in self.demo_names:
+            raise KeyError(f"no demo {name!r} in {self.path} ({len(self.demo_names)} demos)")
+        attrs = self._file[DATA_GROUP][name].attrs
+        return {k: attrs[k] for k in attrs if k not in ("num_samples", "model_file")}
+
     def mask(self, filter_key: str) -> list[str]:
         """The demo names of a filter key (``mask/<filter_key>``)."""
         masks = self._file.get(MASK_GROUP)

@@ -391,6 +391,7 @@ class ExpertEpisode:
     rewards: np.ndarray
     dones: np.ndarray
     model_xml: str
+    recovery: bool = False  # a recovery attempt (run_expert's ``recovery``)
     # Recovery attempts: unrecorded env steps (expert + push) before the first recorded state.
     recorded_from: int = 0
 
@@ -403,7 +404,8 @@ class ExpertEpisode:
         """An attempt that recorded nothing (a recovery attempt that succeeded or ran out of
         steps before its disturbance ended)."""
         empty = np.zeros((0,))
-        return cls(seed, False, empty, empty, {}, {}, empty, empty, env.get_model_xml())
+        model_xml = env.get_model_xml()
+        return cls(seed, False, empty, empty, {}, {}, empty, empty, model_xml, recovery=True)
 
 
 def _stack(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -476,6 +478,7 @@ def run_expert(
         rewards=np.asarray(rewards, dtype=np.float64),
         dones=dones,
         model_xml=env.get_model_xml(),
+        recovery=recovery,
         recorded_from=recorded_from,
     )
 
@@ -546,8 +549,8 @@ def generate_robomimic_dataset(
     episodes = expert_episodes(task, range(seed, seed + limit), images, recovery)
     try:
         for episode in episodes:
-            kind = "recovery" if is_recovery_attempt(attempts, recovery) else "full"
-            recovery_attempts += kind == "recovery"
+            kind = "recovery" if episode.recovery else "full"
+            recovery_attempts += episode.recovery
             attempts += 1
             if episode.success:
                 name = writer.add_demo(
