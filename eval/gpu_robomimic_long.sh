@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# One GPU session for robomimic, with the GPU shared by three jobs that run side by side:
+#   A. Can, low-dim: iSD trained for CAN_TRAIN_S seconds (steps planned from its step cost,
+#      measured first) at batch CAN_BATCH on DATA (default: clean + recovery demos), then
+#      evaluated at one step on the protocol's 50 initial states;
+#   B. Can, low-dim: DDPM on the same budget (it waits for A's planned steps), DDPM-100;
+#   C. Lift from images: IMG_PROCS processes generate IMG_DEMOS demos each with two 84x84
+#      cameras (MuJoCo's EGL renderer), one buffer is made of them, iSD trains on it for what
+#      time is left, and is evaluated at one step on 50 initial states with rendering envs.
+#
+#   DATA=data/robomimic_can_mix.zarr bash eval/gpu_robomimic_long.sh OUT_DIR [PYTHON] [TOTAL_S]
+#
+# A failed smoke run (tiny budget on Can, ~30 s) stops everything at once, so that a fixed rerun
+# costs little; C is skipped when rendering does not work, and never stops A or B.
+# OUT_DIR gets every report, log and metrics file (gpu_long.tar.gz, no weights) and the final
+# EMA weights of each run (weights.tar.part-*, `cat weights.tar.part-* | tar -x`), so that the
+# evaluations can be redone elsewhere if they did not finish here.
+set -uo pipefail
+OUT=${1:?usage: bash eval/gpu_robomimic_long.sh OUT_DIR [PYTHON] [TOTAL_S]}
+PY=${2:-python3}
+TOTAL=${3:-540}
+DEVICE=${DEVICE:-cuda}  # cpu: a dry run without a GPU (with small settings below)
+BUDGET=${BUDGET:-robomimic_gpu}
+CAN_TRAIN_S=${CAN_TRAIN_S:-240}
+CAN_BATCH=${CAN_BATCH:-1024}
+IMG_PROCS=${IMG_PROCS:-12}
+IMG_DEMOS=${IMG_DEMOS:-12}
+IMG_BATCH=${IMG_BATCH:-128}
+IMG_EVAL_RESERVE=${IMG_EVAL_RESERVE:-90}
+N_ENVS=${N_ENVS:-25}
+SMOKE=${SMOKE:-1}
+WORK=${WORK:-/tmp/gpu_long}
+DATA=${DATA:-data/robomimic_can_mix.zarr}
+mkdir -p "$OUT" "$WORK/logs" "$WORK/results" "$WORK/img_data"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+START=$SECONDS
+left() { echo $((TOTAL - (SECONDS - START))); }
+
+finish() {
+  cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
+  tar -czf "$OUT/gpu_long.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='img_data' . \
+    2>/dev/null
+  local keep=()
+  for run in "$WORK"/*/*_s*; do
+    [ -f "$run/checkpoints/latest" ] || continue
+    local ckpt=${run#"$WORK"/}/checkpoints/$(cat "$run/checkpoints/latest")
+    keep+=("$ckpt/ema.safetensors" "$ckpt/policy.json" "$ckpt/config.yaml")
+  done
+  [ ${#keep[@]} -eq 0 ] || tar -cf - -C "$WORK" "${keep[@]}" | split -b 15m - "$OUT/weights.tar.part-"
+  echo "stages:"
+  cat "$OUT/stages.txt"
+}
+trap finish EXIT
+
+STAGE_LOGS=$WORK/logs STAGE_SUMMARY=$OUT/stages.txt
+source eval/stage.sh
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+nproc >"$OUT/nproc.txt"
+"$PY" -c "import torch, cm_policy.cli, robosuite
+print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
+  || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
+[ -d "$DATA" ] || { echo "no $DATA"; exit 1; }
+
+# C, part 1 (CPU): image demonstrations, started first; rendering is checked on one env first.
+image_data() {
+  MUJOCO_GL=egl stage render_check 60 "$PY" -c "
+from cm_policy.envs.robosuite_env import RobosuiteEnv
+env = RobosuiteEnv('lift', obs_type='image')
+obs, _ = env.reset(seed=0)
+print({k: getattr(v, 'shape', None) for k, v in obs.items()})
+env.close()" || return 1
+  local pids=()
+  for i in $(seq 1 "$IMG_PROCS"); do
+    MUJOCO_GL=egl OMP_NUM_THREADS=1 timeout 200 "$PY" -m cm_policy.cli data generate robomimic \
+      task=lift images=true n="$IMG_DEMOS" seed=$((1000 + 1000 * i)) \
+      out="$WORK/img_data/lift_$i.hdf5" >"$WORK/logs/img_gen_$i.log" 2>&1 &
+    pids+=($!)
+  done
+  local ok=()
+  for i in $(seq 1 "$IMG_PROCS"); do
+    wait "${pids[$((i - 1))]}" && ok+=("$WORK/img_data/lift_$i.hdf5")
+  done
+  echo "image generation: ${#ok[@]} of $IMG_PROCS processes finished" | tee -a "$STAGE_SUMMARY"
+  [ ${#ok[@]} -gt 0 ] || return 1
+  stage img_convert 120 "$PY" -m cm_policy.cli data convert robomimic "${ok[@]}" \
+    "$WORK/img_data/lift_image.zarr" image=true
+}
+
+# Smoke: training, evaluation in env processes and sampling on the GPU, tiny budget.
+if [ "$SMOKE" = 1 ]; then
+  image_data >"$WORK/logs/image_data.log" 2>&1 &
+  IMG_PID=$!
+  stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny --n-envs 2 \
+    --methods isd --samplers '{"isd": ["1"]}' --dataset "$DATA" --device "$DEVICE" \
+    --out-dir "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
+else
+  image_data >"$WORK/logs/image_data.log" 2>&1 &
+  IMG_PID=$!
+fi
+
+# A: iSD on Can; its planned steps are B's.
+CAN_ISD_LIMIT=$(($(left) - 20))
+stage can_isd "$CAN_ISD_LIMIT" "$PY" eval/compare.py --task robomimic_can_lowdim \
+  --budget "$BUDGET" --methods isd --samplers '{"isd": ["1"]}' --dataset "$DATA" \
+  --device "$DEVICE" --batch-size "$CAN_BATCH" --train-seconds "$CAN_TRAIN_S" \
+  --n-envs "$N_ENVS" --out-dir "$WORK/can" --results "$WORK/results" \
+  --name compare_robomimic_can_lowdim_gpu_isd &
+ISD_PID=$!
+
+# B: DDPM with A's steps, once A has planned them.
+for _ in $(seq 1 120); do
+  STEPS=$(sed -n 's/^== \([0-9]*\) steps fit.*/\1/p' "$WORK/logs/can_isd.log" 2>/dev/null)
+  [ -n "$STEPS" ] && break
+  sleep 1
+done
+if [ -n "${STEPS:-}" ]; then
+  echo "DDPM gets iSD's $STEPS steps" | tee -a "$STAGE_SUMMARY"
+  stage can_ddpm $(($(left) - 20)) "$PY" eval/compare.py --task robomimic_can_lowdim \
+    --budget "$BUDGET" --methods ddpm --samplers '{"ddpm": ["ddpm:100"]}' --dataset "$DATA" \
+    --device "$DEVICE" --batch-size "$CAN_BATCH" --steps "$STEPS" --n-envs "$N_ENVS" \
+    --out-dir "$WORK/can_ddpm" --results "$WORK/results" \
+    --name compare_robomimic_can_lowdim_gpu_ddpm &
+  DDPM_PID=$!
+else
+  echo "no planned steps from can_isd: DDPM not run" | tee -a "$STAGE_SUMMARY"
+  DDPM_PID=
+fi
+
+# C, part 2 (GPU): train on the image buffer with what time is left, then evaluate.
+if wait "$IMG_PID" && [ -d "$WORK/img_data/lift_image.zarr" ]; then
+  img_train_s=$(($(left) - IMG_EVAL_RESERVE - 60))
+  if [ "$img_train_s" -ge 45 ]; then
+    MUJOCO_GL=egl stage img_lift $(($(left) - 15)) "$PY" eval/compare.py \
+      --task robomimic_lift_image --budget "$BUDGET" --methods isd --samplers '{"isd": ["1"]}' \
+      --dataset "$WORK/img_data/lift_image.zarr" --device "$DEVICE" --batch-size "$IMG_BATCH" \
+      --train-seconds "$img_train_s" --n-envs "$N_ENVS" --out-dir "$WORK/img" \
+      --results "$WORK/results" --name compare_robomimic_lift_image_gpu
+  else
+    echo "image run: only ${img_train_s} s left for training, skipped" | tee -a "$STAGE_SUMMARY"
+  fi
+else
+  echo "image data not made (see logs/image_data.log)" | tee -a "$STAGE_SUMMARY"
+  tail -20 "$WORK/logs/image_data.log"
+fi
+wait "$ISD_PID"
+[ -z "$DDPM_PID" ] || wait "$DDPM_PID"
