@@ -29,6 +29,10 @@ IMG_BATCH=${IMG_BATCH:-128}
 IMG_EVAL_RESERVE=${IMG_EVAL_RESERVE:-90}
 N_ENVS=${N_ENVS:-25}
 SMOKE=${SMOKE:-1}
+DDPM=${DDPM:-1}         # 0: iSD only
+IMAGE=${IMAGE:-1}       # 0: no image run
+SEEDS=${SEEDS:-0}       # training seeds of the Can runs
+CAN_STEPS=${CAN_STEPS:-}  # fixed steps instead of CAN_TRAIN_S
 WORK=${WORK:-/tmp/gpu_long}
 DATA=${DATA:-data/robomimic_can_mix.zarr}
 mkdir -p "$OUT" "$WORK/logs" "$WORK/results" "$WORK/img_data"
@@ -90,6 +94,7 @@ env.close()" || return 1
 }
 
 # Smoke: training, evaluation in env processes and sampling on the GPU, tiny budget.
+[ "$IMAGE" = 1 ] || image_data() { echo "IMAGE=0"; return 1; }
 if [ "$SMOKE" = 1 ]; then
   image_data >"$WORK/logs/image_data.log" 2>&1 &
   IMG_PID=$!
@@ -105,13 +110,14 @@ fi
 CAN_ISD_LIMIT=$(($(left) - 20))
 stage can_isd "$CAN_ISD_LIMIT" "$PY" eval/compare.py --task robomimic_can_lowdim \
   --budget "$BUDGET" --methods isd --samplers '{"isd": ["1"]}' --dataset "$DATA" \
-  --device "$DEVICE" --batch-size "$CAN_BATCH" --train-seconds "$CAN_TRAIN_S" \
+  --device "$DEVICE" --batch-size "$CAN_BATCH" --seeds "$SEEDS" \
+  $([ -n "$CAN_STEPS" ] && echo "--steps $CAN_STEPS" || echo "--train-seconds $CAN_TRAIN_S") \
   --n-envs "$N_ENVS" --out-dir "$WORK/can" --results "$WORK/results" \
   --name compare_robomimic_can_lowdim_gpu_isd &
 ISD_PID=$!
 
 # B: DDPM with A's steps, once A has planned them.
-for _ in $(seq 1 120); do
+for _ in $(seq 1 $((DDPM == 1 ? 120 : 0))); do
   STEPS=$(sed -n 's/^== \([0-9]*\) steps fit.*/\1/p' "$WORK/logs/can_isd.log" 2>/dev/null)
   [ -n "$STEPS" ] && break
   sleep 1
@@ -120,7 +126,7 @@ if [ -n "${STEPS:-}" ]; then
   echo "DDPM gets iSD's $STEPS steps" | tee -a "$STAGE_SUMMARY"
   stage can_ddpm $(($(left) - 20)) "$PY" eval/compare.py --task robomimic_can_lowdim \
     --budget "$BUDGET" --methods ddpm --samplers '{"ddpm": ["ddpm:100"]}' --dataset "$DATA" \
-    --device "$DEVICE" --batch-size "$CAN_BATCH" --steps "$STEPS" --n-envs "$N_ENVS" \
+    --device "$DEVICE" --batch-size "$CAN_BATCH" --steps "$STEPS" --seeds "$SEEDS" --n-envs "$N_ENVS" \
     --out-dir "$WORK/can_ddpm" --results "$WORK/results" \
     --name compare_robomimic_can_lowdim_gpu_ddpm &
   DDPM_PID=$!
