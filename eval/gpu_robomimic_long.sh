@@ -43,16 +43,18 @@ START=$SECONDS
 left() { echo $((TOTAL - (SECONDS - START))); }
 
 finish() {
-  cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
+  # At most 8 files come back from a device session, 16 MiB each: the tar (reports, logs,
+  # metrics, no weights), stages.txt and at most 6 weight parts, iSD's runs first.
   tar -czf "$OUT/gpu_long.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='img_data' . \
     2>/dev/null
   local keep=()
-  for run in "$WORK"/*/*_s*; do
+  for run in "$WORK"/can/isd_s* "$WORK"/img/isd_s* "$WORK"/can_ddpm/ddpm_s*; do
     [ -f "$run/checkpoints/latest" ] || continue
     local ckpt=${run#"$WORK"/}/checkpoints/$(cat "$run/checkpoints/latest")
     keep+=("$ckpt/ema.safetensors" "$ckpt/policy.json" "$ckpt/config.yaml")
   done
   [ ${#keep[@]} -eq 0 ] || tar -cf - -C "$WORK" "${keep[@]}" | split -b 15m - "$OUT/weights.tar.part-"
+  ls "$OUT"/weights.tar.part-* 2>/dev/null | tail -n +7 | xargs -r rm -f  # the 8-file limit
   echo "stages:"
   cat "$OUT/stages.txt"
 }
@@ -61,8 +63,17 @@ trap finish EXIT
 STAGE_LOGS=$WORK/logs STAGE_SUMMARY=$OUT/stages.txt
 source eval/stage.sh
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-nproc >"$OUT/nproc.txt"
+nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
+nproc >"$WORK/nproc.txt"
+# MuJoCo's EGL renderer needs libEGL (glvnd) and NVIDIA's EGL vendor file: the device machine
+# lacks the former. Where the repo carries the .deb files in .gl/ (see .library/device/README.md:
+# `apt-get download libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2` into .gl), unpack them.
+if ls .gl/*.deb >/dev/null 2>&1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+  vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
+fi
 "$PY" -c "import torch, cm_policy.cli, robosuite
 print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
   || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
