@@ -20,8 +20,10 @@ commands:
   data generate pusht [n=100 out=data/pusht_generated.zarr seed=0 workers=2 images=true]
                                       plan PushT demonstrations offline (keeps successful ones)
   data generate robomimic task=lift|can|square [n=200 out=data/robomimic_<task>.hdf5 seed=0
-       images=false recovery=0]       scripted-expert demos in robomimic's HDF5 layout (+ .zarr);
+       images=false recovery=0 recovery_kind=push]
+                                      scripted-expert demos in robomimic's HDF5 layout (+ .zarr);
                                       recovery=F: that fraction starts from a disturbed state
+                                      (push: gripper pushed off course; regrasp: a missed grasp)
   data convert robomimic IN.hdf5 [IN2.hdf5 ...] OUT.zarr [abs_action=false image=false
        filter_key=NAME]               robomimic HDF5 datasets (one task) as one zarr buffer
   train [task=... method=... model=... key=value ...]
@@ -112,6 +114,7 @@ def generate_robomimic(args: list[str]) -> None:
             "images": bool,
             "overwrite": bool,
             "recovery": float,
+            "recovery_kind": str,
         },
     )
     if "task" not in opts:
@@ -127,6 +130,7 @@ def generate_robomimic(args: list[str]) -> None:
         images=opts.get("images", False),
         overwrite=opts.get("overwrite", False),
         recovery=opts.get("recovery", 0.0),
+        recovery_kind=opts.get("recovery_kind", "push"),
     )
 
 

@@ -325,6 +325,55 @@ def test_recovery_demos_start_off_course_and_replay(tmp_path):
 
 
 @needs_robosuite
+def test_regrasp_demos_start_from_a_missed_grasp_and_replay(tmp_path):
+    from cm_policy.envs.robomimic_experts import generate_robomimic_dataset, run_expert
+    from cm_policy.envs.robosuite_env import RobosuiteEnv
+
+    path = tmp_path / "lift.hdf5"
+    stats = generate_robomimic_dataset(
+        "lift", path, 1, seed=3, recovery=1.0, recovery_kind="regrasp", convert=False,
+        progress=False,
+    )
+    assert stats["recovery_demos"] == 1 and stats["recovery_kind"] == "regrasp"
+    with RobomimicDataset(path) as ds:
+        (name,) = ds.mask("recovery")
+        attrs = ds.demo_attrs(name)
+        assert attrs["recovery_kind"] == "regrasp"
+        skipped, seed = int(attrs["recorded_from"]), int(attrs["seed"])
+        demo = ds.demo(name)
+        env = RobosuiteEnv(env_meta=ds.env_meta)
+    try:
+        reference = run_expert(env, seed)
+        assert skipped >= 10
+        # The undisturbed expert ends holding the cube between its fingers; the recording starts
+        # with the fingers closed on nothing and the cube still resting on the table.
+        assert reference.obs["robot0_gripper_qpos"][-1][0] > 0.015
+        assert demo["obs"]["robot0_gripper_qpos"][0][0] < 0.012
+
+        def cube_z(state):
+            env.reset_to(state, demo["model_xml"])
+            return float(env.sim_env.sim.data.body_xpos[env.sim_env.cube_body_id][2])
+
+        # (the cube settles onto the table in the first steps)
+        assert abs(cube_z(demo["states"][0]) - cube_z(reference.states[10])) < 0.003
+        env.reset_to(demo["states"][0], demo["model_xml"])
+        for action in demo["actions"]:
+            *_, info = env.step(action)
+        assert info["is_success"]
+    finally:
+        env.close()
+
+
+def test_regrasp_recovery_is_checked():
+    from cm_policy.envs.robomimic_experts import expert_episodes
+
+    with pytest.raises(ValueError, match="regrasp recovery demos exist for"):
+        next(expert_episodes("square", range(1), recovery=1.0, recovery_kind="regrasp"))
+    with pytest.raises(ValueError, match="recovery_kind must be one of"):
+        next(expert_episodes("can", range(1), recovery=1.0, recovery_kind="shove"))
+
+
+@needs_robosuite
 def test_env_from_metadata_reproduces_recorded_states(lift_demos):
     from cm_policy.envs.robosuite_env import RobosuiteEnv
 

@@ -15,6 +15,13 @@ the gripper off course for a few steps (a random displacement of 3-10 cm, the gr
 orientation and fingers as the expert wants them), and records only what follows: the expert
 bringing the task back on track from the disturbed state to success. The recorded actions are the
 ones executed, so the demos replay exactly, and no label is ever a disturbance.
+
+A second kind (``recovery_kind="regrasp"``, Lift and Can) starts from a missed grasp: the expert,
+unrecorded, descends beside the object (6-9 cm across the fingers' closing axis), closes the
+fingers on nothing and lifts the empty gripper a few steps; the recording starts there, with the
+expert opening the fingers, going back above the object and grasping it. A policy that closes
+short of the object otherwise meets a state (fingers closed, object on the table) that no
+demonstration shows a way out of.
 """
 
 from __future__ import annotations
@@ -61,6 +68,13 @@ PUSH_STEPS = (3, 7)
 PUSH_DISTANCE = (0.03, 0.10)
 POSITION_SCALE = 0.05  # m of target motion per unit of position action (OSC_POSE)
 MIN_RECORDED = 10
+RECOVERY_KINDS = ("push", "regrasp")
+# Missed grasps: the grasp point moved this far (m) across the fingers' closing axis (clear of the
+# object: the can's radius is ~3.3 cm, a finger ~2 cm wide), then this many steps of lifting the
+# empty gripper before the retry.
+MISS_DISTANCE = (0.06, 0.09)
+MISS_LIFT_STEPS = (0, 9)
+REGRASP_TASKS = ("lift", "can")
 
 
 def yaw_of_quat_wxyz(quat: np.ndarray) -> float:
@@ -392,6 +406,7 @@ class ExpertEpisode:
     dones: np.ndarray
     model_xml: str
     recovery: bool = False  # a recovery attempt (run_expert's ``recovery``)
+    recovery_kind: str = "push"  # which disturbance a recovery attempt starts from
     # Recovery attempts: unrecorded env steps (expert + push) before the first recorded state.
     recorded_from: int = 0
 
@@ -406,6 +421,17 @@ class ExpertEpisode:
         empty = np.zeros((0,))
         model_xml = env.get_model_xml()
         return cls(seed, False, empty, empty, {}, {}, empty, empty, model_xml, recovery=True)
+
+    def attrs(self) -> dict[str, Any]:
+        """The demo attributes it is written with: its initial state's seed and, for a recovery
+        demo, its kind and the unrecorded steps before its first state."""
+        if not self.recovery:
+            return {"seed": self.seed}
+        return {
+            "seed": self.seed,
+            "recorded_from": self.recorded_from,
+            "recovery_kind": self.recovery_kind,
+        }
 
 
 def _stack(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -436,20 +462,56 @@ def push_off_course(expert: WaypointExpert, rng: np.random.Generator) -> int | N
     return steps
 
 
+def miss_grasp(expert: WaypointExpert, rng: np.random.Generator) -> int | None:
+    """Run ``expert`` unrecorded through a grasp beside the object (see the module docstring),
+    lift the empty gripper a few steps, and set the expert back to its first phase, so that it
+    retries. Returns the env steps taken, or None when the task succeeded all the same."""
+    env = expert.env
+    if env.task not in REGRASP_TASKS:
+        raise ValueError(
+            f"regrasp recovery demos exist for {REGRASP_TASKS}, not {env.task!r}"
+        )
+    keep = expert.style.grasp_offset
+    # The fingers close along the gripper's x axis, which DOWN turned by the grasp yaw puts
+    # along world y: across it is the turned world x.
+    across = rot_z(expert.yaw) @ np.array([1.0, 0.0, 0.0])
+    distance = rng.uniform(*MISS_DISTANCE) * rng.choice([-1.0, 1.0])
+    expert.style.grasp_offset = keep + across * distance
+    lift_steps = int(rng.integers(*MISS_LIFT_STEPS))
+    steps = 0
+    while expert.phase < 3 or expert.phase_steps < lift_steps:
+        steps += 1
+        if env.step(expert.act())[4]["is_success"]:
+            return None
+        if expert.phase > 3:  # lifted all the way before the draw's steps ran out
+            break
+    expert.style.grasp_offset = keep
+    expert.phase, expert.phase_steps = 0, 0
+    return steps
+
+
 def run_expert(
-    env: RobosuiteEnv, seed: int, max_steps: int | None = None, recovery: bool = False
+    env: RobosuiteEnv,
+    seed: int,
+    max_steps: int | None = None,
+    recovery: bool = False,
+    recovery_kind: str = "push",
 ) -> ExpertEpisode:
     """One expert episode from initial state ``seed`` (expert randomness seeded by it too).
 
-    With ``recovery`` the recording starts after an unrecorded disturbance
-    (:func:`push_off_course`); ``max_steps`` bounds the whole episode, disturbance included.
+    With ``recovery`` the recording starts after an unrecorded disturbance: a push off course
+    (``recovery_kind="push"``, :func:`push_off_course`) or a missed grasp (``"regrasp"``,
+    :func:`miss_grasp`); ``max_steps`` bounds the whole episode, disturbance included.
     """
+    if recovery_kind not in RECOVERY_KINDS:
+        raise ValueError(f"recovery_kind must be one of {RECOVERY_KINDS}, got {recovery_kind!r}")
     env.reset(seed=seed)
     expert = EXPERTS[env.task](env, np.random.default_rng([seed, 1]))
     max_steps = max_steps or EXPERT_MAX_STEPS[env.task]
     recorded_from = 0
     if recovery:
-        pushed = push_off_course(expert, np.random.default_rng([seed, 2]))
+        disturb = push_off_course if recovery_kind == "push" else miss_grasp
+        pushed = disturb(expert, np.random.default_rng([seed, 2]))
         if pushed is None or pushed > max_steps - MIN_RECORDED:
             return ExpertEpisode.failed(seed, env)
         recorded_from = pushed
@@ -479,6 +541,7 @@ def run_expert(
         dones=dones,
         model_xml=env.get_model_xml(),
         recovery=recovery,
+        recovery_kind=recovery_kind,
         recorded_from=recorded_from,
     )
 
@@ -490,16 +553,25 @@ def is_recovery_attempt(index: int, recovery: float) -> bool:
 
 
 def expert_episodes(
-    task: str, seeds: range, images: bool = False, recovery: float = 0.0
+    task: str,
+    seeds: range,
+    images: bool = False,
+    recovery: float = 0.0,
+    recovery_kind: str = "push",
 ) -> Iterator[ExpertEpisode]:
     """Expert attempts on consecutive seeds in one env (successful or not); the fraction
-    ``recovery`` of them are recovery attempts (:func:`run_expert`)."""
+    ``recovery`` of them are recovery attempts of ``recovery_kind`` (:func:`run_expert`)."""
     if not 0.0 <= recovery <= 1.0:
         raise ValueError(f"recovery is a fraction of attempts in [0, 1], got {recovery}")
+    if recovery_kind not in RECOVERY_KINDS:
+        raise ValueError(f"recovery_kind must be one of {RECOVERY_KINDS}, got {recovery_kind!r}")
+    if recovery and recovery_kind == "regrasp" and task not in REGRASP_TASKS:
+        raise ValueError(f"regrasp recovery demos exist for {REGRASP_TASKS}, not {task!r}")
     env = RobosuiteEnv(task=task, obs_type="image" if images else "lowdim")
     try:
         for i, seed in enumerate(seeds):
-            yield run_expert(env, seed, recovery=is_recovery_attempt(i, recovery))
+            recover = is_recovery_attempt(i, recovery)
+            yield run_expert(env, seed, recovery=recover, recovery_kind=recovery_kind)
     finally:
         env.close()
 
@@ -514,14 +586,16 @@ def generate_robomimic_dataset(
     convert: bool = True,
     progress: bool = True,
     recovery: float = 0.0,
+    recovery_kind: str = "push",
 ) -> dict[str, Any]:
     """Write ``n_episodes`` successful expert demos to the robomimic HDF5 file ``out``.
 
     Attempts start from initial states ``seed, seed + 1, ...`` (keep them far from the test
-    seeds 100000..). A fraction ``recovery`` of the attempts are recovery demonstrations (see the
-    module docstring); they are listed in the filter key ``mask/recovery`` (the others in
-    ``mask/full``) and carry the attribute ``recorded_from`` (unrecorded steps before their first
-    state); every demo records its initial state's ``seed``. With ``convert`` the demos are also
+    seeds 100000..). A fraction ``recovery`` of the attempts are recovery demonstrations of
+    ``recovery_kind`` (``push`` or ``regrasp``, see the module docstring); they are listed in the
+    filter key ``mask/recovery`` (the others in ``mask/full``) and carry the attributes
+    ``recovery_kind`` and ``recorded_from`` (unrecorded steps before their first state); every
+    demo records its initial state's ``seed``. With ``convert`` the demos are also
     written as a zarr ReplayBuffer beside it (``out`` with the suffix ``.zarr``) for training.
     Returns the attempt statistics, also stored in ``<out>.json``.
     """
@@ -546,7 +620,7 @@ def generate_robomimic_dataset(
     recovery_attempts = 0
     writer = RobomimicWriter(out, default_env_meta(task), overwrite=overwrite)
     bar = tqdm(total=n_episodes, desc=f"{task} demos", unit="demo", disable=not progress)
-    episodes = expert_episodes(task, range(seed, seed + limit), images, recovery)
+    episodes = expert_episodes(task, range(seed, seed + limit), images, recovery, recovery_kind)
     try:
         for episode in episodes:
             kind = "recovery" if episode.recovery else "full"
@@ -561,8 +635,7 @@ def generate_robomimic_dataset(
                     episode.rewards,
                     episode.dones,
                     episode.model_xml,
-                    attrs={"seed": episode.seed}
-                    | ({"recorded_from": episode.recorded_from} if recovery else {}),
+                    attrs=episode.attrs(),
                 )
                 kinds[kind].append(name)
                 lengths.append(episode.n_steps)
@@ -596,6 +669,7 @@ def generate_robomimic_dataset(
         "max_length": int(max(lengths)),
         "images": images,
         "recovery": recovery,
+        "recovery_kind": recovery_kind,
         "recovery_demos": len(kinds["recovery"]),
         "recovery_attempts": recovery_attempts,
         "wall_s": wall,
