@@ -37,15 +37,9 @@ CAN='{"isd": ["1"], "ddpm": ["ddpm:100"]}'
 finish() {
   cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
   tar -czf "$OUT/gpu_robomimic.tar.gz" -C "$WORK" --exclude='*.safetensors' . 2>/dev/null
-  # The final EMA weights of each run (in 15 MB parts, `cat weights.tar.part-* | tar -x`), so
-  # the evaluation can be redone elsewhere if it did not finish here.
-  local keep=()
-  for run in "$WORK"/can/*_s*; do
-    [ -f "$run/checkpoints/latest" ] || continue
-    local ckpt=${run#"$WORK"/}/checkpoints/$(cat "$run/checkpoints/latest")
-    keep+=("$ckpt/ema.safetensors" "$ckpt/policy.json" "$ckpt/config.yaml")
-  done
-  [ ${#keep[@]} -eq 0 ] || tar -cf - -C "$WORK" "${keep[@]}" | split -b 15m - "$OUT/weights.tar.part-"
+  # The final EMA weights of each run, so the evaluation can be redone elsewhere if it did not
+  # finish here (3 parts: with the reports, the tar and the logs, 8 files come back at most).
+  MAX_PARTS=3 pack_weights "$WORK" "$OUT" "$WORK"/can/isd_s* "$WORK"/can/ddpm_s*
   echo "stages:"
   cat "$OUT/stages.txt"
 }

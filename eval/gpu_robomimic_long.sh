@@ -47,14 +47,7 @@ finish() {
   # metrics, no weights), stages.txt and at most 6 weight parts, iSD's runs first.
   tar -czf "$OUT/gpu_long.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='img_data' . \
     2>/dev/null
-  local keep=()
-  for run in "$WORK"/can/isd_s* "$WORK"/img/isd_s* "$WORK"/can_ddpm/ddpm_s*; do
-    [ -f "$run/checkpoints/latest" ] || continue
-    local ckpt=${run#"$WORK"/}/checkpoints/$(cat "$run/checkpoints/latest")
-    keep+=("$ckpt/ema.safetensors" "$ckpt/policy.json" "$ckpt/config.yaml")
-  done
-  [ ${#keep[@]} -eq 0 ] || tar -cf - -C "$WORK" "${keep[@]}" | split -b 15m - "$OUT/weights.tar.part-"
-  ls "$OUT"/weights.tar.part-* 2>/dev/null | tail -n +7 | xargs -r rm -f  # the 8-file limit
+  pack_weights "$WORK" "$OUT" "$WORK"/can/isd_s* "$WORK"/img/isd_s* "$WORK"/can_ddpm/ddpm_s*
   echo "stages:"
   cat "$OUT/stages.txt"
 }

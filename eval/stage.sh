@@ -14,3 +14,22 @@ stage() {
   [ $rc -eq 0 ] || tail -30 "$STAGE_LOGS/$name.log"
   return $rc
 }
+
+#   pack_weights WORK OUT RUN_DIR...
+# writes the final EMA weights (+ policy.json, config.yaml) of each RUN_DIR (a training run under
+# WORK) as 15 MB parts OUT/weights.tar.part-* (`cat weights.tar.part-* | tar -x`), keeping the
+# first MAX_PARTS (default 6): a device session returns at most 8 files of 16 MiB. Runs without a
+# checkpoint are skipped.
+pack_weights() {
+  local work=$1 out=$2 run ckpt
+  shift 2
+  local keep=()
+  for run in "$@"; do
+    [ -f "$run/checkpoints/latest" ] || continue
+    ckpt=${run#"$work"/}/checkpoints/$(cat "$run/checkpoints/latest")
+    keep+=("$ckpt/ema.safetensors" "$ckpt/policy.json" "$ckpt/config.yaml")
+  done
+  [ ${#keep[@]} -gt 0 ] || return 0
+  tar -cf - -C "$work" "${keep[@]}" | split -b 15m - "$out/weights.tar.part-"
+  ls "$out"/weights.tar.part-* | tail -n +$((${MAX_PARTS:-6} + 1)) | xargs -r rm -f
+}
