@@ -331,7 +331,13 @@ def test_regrasp_demos_start_from_a_missed_grasp_and_replay(tmp_path):
 
     path = tmp_path / "lift.hdf5"
     stats = generate_robomimic_dataset(
-        "lift", path, 1, seed=3, recovery=1.0, recovery_kind="regrasp", convert=False,
+        "lift",
+        path,
+        1,
+        seed=3,
+        recovery=1.0,
+        recovery_kind="regrasp",
+        convert=False,
         progress=False,
     )
     assert stats["recovery_demos"] == 1 and stats["recovery_kind"] == "regrasp"

@@ -468,9 +468,7 @@ def miss_grasp(expert: WaypointExpert, rng: np.random.Generator) -> int | None:
     retries. Returns the env steps taken, or None when the task succeeded all the same."""
     env = expert.env
     if env.task not in REGRASP_TASKS:
-        raise ValueError(
-            f"regrasp recovery demos exist for {REGRASP_TASKS}, not {env.task!r}"
-        )
+        raise ValueError(f"regrasp recovery demos exist for {REGRASP_TASKS}, not {env.task!r}")
     keep = expert.style.grasp_offset
     # The fingers close along the gripper's x axis, which DOWN turned by the grasp yaw puts
     # along world y: across it is the turned world x.
