@@ -48,11 +48,7 @@ trap finish EXIT
 STAGE_LOGS=$WORK/logs STAGE_SUMMARY=$OUT/stages.txt
 source eval/stage.sh
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-"$PY" -c "import torch, cm_policy.cli, robosuite
-print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
-  || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
-[ -d "$DATA" ] || { echo "no $DATA"; exit 1; }
+check_device "$PY" "$DATA" "$OUT"
 
 stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny --n-envs 2 \
   --methods "$SMOKE_METHODS" --samplers "$CAN" --dataset "$DATA" --device "$DEVICE" \

@@ -56,7 +56,7 @@ trap finish EXIT
 STAGE_LOGS=$WORK/logs STAGE_SUMMARY=$OUT/stages.txt
 source eval/stage.sh
 
-nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
+check_device "$PY" "$DATA" "$WORK"
 nproc >"$WORK/nproc.txt"
 # MuJoCo's EGL renderer needs libEGL (glvnd) and NVIDIA's EGL vendor file: the device machine
 # lacks the former. Where the repo carries the .deb files in .gl/ (see .library/device/README.md:
@@ -67,10 +67,6 @@ if ls .gl/*.deb >/dev/null 2>&1; then
   vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
 fi
-"$PY" -c "import torch, cm_policy.cli, robosuite
-print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
-  || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
-[ -d "$DATA" ] || { echo "no $DATA"; exit 1; }
 
 # C, part 1 (CPU): image demonstrations, started first; rendering is checked on one env first.
 image_data() {
@@ -135,7 +131,9 @@ if [ -n "${STEPS:-}" ]; then
     --name compare_robomimic_can_lowdim_gpu_ddpm &
   DDPM_PID=$!
 else
-  echo "no planned steps from can_isd: DDPM not run" | tee -a "$STAGE_SUMMARY"
+  [ "$DDPM" = 1 ] && why="no planned steps from can_isd (CAN_STEPS fixes them? set DDPM=0)" \
+    || why="DDPM=0"
+  echo "$why: DDPM not run" | tee -a "$STAGE_SUMMARY"
   DDPM_PID=
 fi
 
