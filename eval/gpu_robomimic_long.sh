@@ -117,7 +117,8 @@ stage can_isd "$CAN_ISD_LIMIT" "$PY" eval/compare.py --task robomimic_can_lowdim
 ISD_PID=$!
 
 # B: DDPM with A's steps, once A has planned them.
-for _ in $(seq 1 $((DDPM == 1 ? 120 : 0))); do
+STEPS=$([ "$DDPM" = 1 ] && echo "$CAN_STEPS")
+for _ in $(seq 1 $((DDPM == 1 && ${#STEPS} == 0 ? 120 : 0))); do
   STEPS=$(sed -n 's/^== \([0-9]*\) steps fit.*/\1/p' "$WORK/logs/can_isd.log" 2>/dev/null)
   [ -n "$STEPS" ] && break
   sleep 1
@@ -131,8 +132,7 @@ if [ -n "${STEPS:-}" ]; then
     --name compare_robomimic_can_lowdim_gpu_ddpm &
   DDPM_PID=$!
 else
-  [ "$DDPM" = 1 ] && why="no planned steps from can_isd (CAN_STEPS fixes them? set DDPM=0)" \
-    || why="DDPM=0"
+  [ "$DDPM" = 1 ] && why="no planned steps from can_isd" || why="DDPM=0"
   echo "$why: DDPM not run" | tee -a "$STAGE_SUMMARY"
   DDPM_PID=
 fi
