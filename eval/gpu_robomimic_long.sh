@@ -95,15 +95,12 @@ env.close()" || return 1
 
 # Smoke: training, evaluation in env processes and sampling on the GPU, tiny budget.
 [ "$IMAGE" = 1 ] || image_data() { echo "IMAGE=0"; return 1; }
+image_data >"$WORK/logs/image_data.log" 2>&1 &
+IMG_PID=$!
 if [ "$SMOKE" = 1 ]; then
-  image_data >"$WORK/logs/image_data.log" 2>&1 &
-  IMG_PID=$!
   stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny --n-envs 2 \
     --methods isd --samplers '{"isd": ["1"]}' --dataset "$DATA" --device "$DEVICE" \
     --out-dir "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
-else
-  image_data >"$WORK/logs/image_data.log" 2>&1 &
-  IMG_PID=$!
 fi
 
 # A: iSD on Can; its planned steps are B's.
@@ -116,13 +113,16 @@ stage can_isd "$CAN_ISD_LIMIT" "$PY" eval/compare.py --task robomimic_can_lowdim
   --name compare_robomimic_can_lowdim_gpu_isd &
 ISD_PID=$!
 
-# B: DDPM with A's steps, once A has planned them.
-STEPS=$([ "$DDPM" = 1 ] && echo "$CAN_STEPS")
-for _ in $(seq 1 $((DDPM == 1 && ${#STEPS} == 0 ? 120 : 0))); do
-  STEPS=$(sed -n 's/^== \([0-9]*\) steps fit.*/\1/p' "$WORK/logs/can_isd.log" 2>/dev/null)
-  [ -n "$STEPS" ] && break
-  sleep 1
-done
+# B: DDPM with A's steps: CAN_STEPS, or those A plans (waiting up to 2 min for them).
+STEPS=
+if [ "$DDPM" = 1 ]; then
+  STEPS=$CAN_STEPS
+  for _ in $(seq 1 120); do
+    [ -n "$STEPS" ] && break
+    sleep 1
+    STEPS=$(sed -n 's/^== \([0-9]*\) steps fit.*/\1/p' "$WORK/logs/can_isd.log" 2>/dev/null)
+  done
+fi
 if [ -n "${STEPS:-}" ]; then
   echo "DDPM gets iSD's $STEPS steps" | tee -a "$STAGE_SUMMARY"
   stage can_ddpm $(($(left) - 20)) "$PY" eval/compare.py --task robomimic_can_lowdim \

@@ -415,12 +415,24 @@ class ExpertEpisode:
         return len(self.actions)
 
     @classmethod
-    def failed(cls, seed: int, env: RobosuiteEnv) -> ExpertEpisode:
+    def failed(cls, seed: int, env: RobosuiteEnv, recovery_kind: str) -> ExpertEpisode:
         """An attempt that recorded nothing (a recovery attempt that succeeded or ran out of
         steps before its disturbance ended)."""
         empty = np.zeros((0,))
         model_xml = env.get_model_xml()
-        return cls(seed, False, empty, empty, {}, {}, empty, empty, model_xml, recovery=True)
+        return cls(
+            seed,
+            False,
+            empty,
+            empty,
+            {},
+            {},
+            empty,
+            empty,
+            model_xml,
+            recovery=True,
+            recovery_kind=recovery_kind,
+        )
 
     def attrs(self) -> dict[str, Any]:
         """The demo attributes it is written with: its initial state's seed and, for a recovery
@@ -462,13 +474,21 @@ def push_off_course(expert: WaypointExpert, rng: np.random.Generator) -> int | N
     return steps
 
 
+def check_recovery_kind(task: str, recovery_kind: str, recovery: bool = True) -> None:
+    """Raise a clear error unless ``recovery_kind`` is a known kind and, where there are recovery
+    attempts (``recovery``), one that exists for ``task``."""
+    if recovery_kind not in RECOVERY_KINDS:
+        raise ValueError(f"recovery_kind must be one of {RECOVERY_KINDS}, got {recovery_kind!r}")
+    if recovery and recovery_kind == "regrasp" and task not in REGRASP_TASKS:
+        raise ValueError(f"regrasp recovery demos exist for {REGRASP_TASKS}, not {task!r}")
+
+
 def miss_grasp(expert: WaypointExpert, rng: np.random.Generator) -> int | None:
     """Run ``expert`` unrecorded through a grasp beside the object (see the module docstring),
     lift the empty gripper a few steps, and set the expert back to its first phase, so that it
     retries. Returns the env steps taken, or None when the task succeeded all the same."""
     env = expert.env
-    if env.task not in REGRASP_TASKS:
-        raise ValueError(f"regrasp recovery demos exist for {REGRASP_TASKS}, not {env.task!r}")
+    check_recovery_kind(env.task, "regrasp")
     keep = expert.style.grasp_offset
     # The fingers close along the gripper's x axis, which DOWN turned by the grasp yaw puts
     # along world y: across it is the turned world x.
@@ -501,8 +521,7 @@ def run_expert(
     (``recovery_kind="push"``, :func:`push_off_course`) or a missed grasp (``"regrasp"``,
     :func:`miss_grasp`); ``max_steps`` bounds the whole episode, disturbance included.
     """
-    if recovery_kind not in RECOVERY_KINDS:
-        raise ValueError(f"recovery_kind must be one of {RECOVERY_KINDS}, got {recovery_kind!r}")
+    check_recovery_kind(env.task, recovery_kind, recovery)
     env.reset(seed=seed)
     expert = EXPERTS[env.task](env, np.random.default_rng([seed, 1]))
     max_steps = max_steps or EXPERT_MAX_STEPS[env.task]
@@ -511,7 +530,7 @@ def run_expert(
         disturb = push_off_course if recovery_kind == "push" else miss_grasp
         pushed = disturb(expert, np.random.default_rng([seed, 2]))
         if pushed is None or pushed > max_steps - MIN_RECORDED:
-            return ExpertEpisode.failed(seed, env)
+            return ExpertEpisode.failed(seed, env, recovery_kind)
         recorded_from = pushed
     states, actions, rewards, frames = [], [], [], [env.full_obs()]
     success = False
@@ -561,10 +580,7 @@ def expert_episodes(
     ``recovery`` of them are recovery attempts of ``recovery_kind`` (:func:`run_expert`)."""
     if not 0.0 <= recovery <= 1.0:
         raise ValueError(f"recovery is a fraction of attempts in [0, 1], got {recovery}")
-    if recovery_kind not in RECOVERY_KINDS:
-        raise ValueError(f"recovery_kind must be one of {RECOVERY_KINDS}, got {recovery_kind!r}")
-    if recovery and recovery_kind == "regrasp" and task not in REGRASP_TASKS:
-        raise ValueError(f"regrasp recovery demos exist for {REGRASP_TASKS}, not {task!r}")
+    check_recovery_kind(task, recovery_kind, recovery > 0)  # before the env is built
     env = RobosuiteEnv(task=task, obs_type="image" if images else "lowdim")
     try:
         for i, seed in enumerate(seeds):
