@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,7 @@ class Policy(nn.Module):
                 f"{levels} U-Net levels (down_dims {model['down_dims']})"
             )
         self.set_n_action_steps(self.n_action_steps)
+        self.obs_limit: float | None = None
         if self.image_keys:
             self.obs_encoder: nn.Module = ImageEncoder(
                 self.image_keys,
@@ -60,6 +60,9 @@ class Policy(nn.Module):
             kernel_size=int(model["kernel_size"]),
             n_groups=int(model["n_groups"]),
             time_embed_dim=int(model["time_embed_dim"]),
+            # Checkpoints from before these settings existed used the defaults.
+            time_combine=str(model.get("time_combine", "concat")),
+            time_hidden_mult=int(model.get("time_hidden_mult", 4)),
         )
         method = dict(self.spec["method"])
         self.method: Method = make_method(method.pop("name"), **method)
@@ -115,47 +118,98 @@ class Policy(nn.Module):
         obs: Mapping[str, Any],
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        noise: str = "random",
     ) -> np.ndarray:
         """Raw actions (B, n_action_steps, action_dim) for raw observations (B, >=n_obs_steps, ...).
 
         Uses the last ``n_obs_steps`` observations. Following Diffusion Policy, the executed
         actions start at the chunk index of the latest observation (n_obs_steps - 1).
+        ``steps`` and ``sampler``: the method's sampler setting (its defaults when None).
+        ``noise``: the initial noise: ``random`` (drawn from ``generator``), ``zero``, or
+        ``mean:K``, the mean of the chunks from K random draws (the noise diagnostic).
         """
         self.check_obs(obs)
+        draws, z_scale = parse_noise(noise)
         device = next(self.parameters()).device
         window = {
             k: torch.as_tensor(np.asarray(obs[k])[:, -self.n_obs_steps :], device=device)
             for k in [*self.low_dim, *self.image_keys]
         }
         batch = next(iter(window.values())).shape[0]
-        cond = self.obs_encoder(self.normalize_obs(window))
+        normalized = self.normalize_obs(window)
+        cond = self.obs_encoder(normalized)
         shape = (batch, self.horizon, self.action_dim)
-        chunk = self.method.sample(self.net, cond, shape, steps=steps, generator=generator)
+        z = torch.zeros(shape, device=device, dtype=cond.dtype) if z_scale == 0 else None
+        chunks = [
+            self.method.sample(self.net, cond, shape, steps, generator, sampler, z)
+            for _ in range(draws)
+        ]
+        chunk = chunks[0] if draws == 1 else torch.stack(chunks).mean(dim=0)
         action = self.normalizer.unnormalize("action", chunk)
         start = self.n_obs_steps - 1
-        return action[:, start : start + self.n_action_steps].cpu().numpy()
+        actions = action[:, start : start + self.n_action_steps].cpu().numpy()
+        reasons = self.refusals(normalized, actions)
+        if any(reasons):
+            raise ActionRefused(reasons, actions)
+        return actions
 
-    # --- persistence ---------------------------------------------------------------------------
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Network and normaliser tensors, flat, for safetensors."""
-        out = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        out.update({f"normalizer.{k}": v for k, v in self.normalizer.state_dict().items()})
-        return out
+    def refusals(
+        self, normalized: Mapping[str, torch.Tensor], actions: np.ndarray
+    ) -> list[str | None]:
+        """Per batch row, why its actions must not be sent (None: they may): observations
+        beyond ``obs_limit`` (in normalised units, where the training range is [-1, 1]), or
+        actions that are not finite."""
+        reasons: list[str | None] = [None] * len(actions)
+        if self.obs_limit is not None:
+            for key in self.low_dim:
+                peak = normalized[key].abs().flatten(1).amax(dim=1).cpu().numpy()
+                for row in np.flatnonzero(peak > self.obs_limit):
+                    reasons[row] = reasons[row] or (
+                        f"observation {key!r} lies {peak[row]:.3g} half-ranges of the "
+                        f"training data from its middle; this policy accepts up to "
+                        f"{self.obs_limit:g} (obs_limit)"
+                    )
+        finite = np.isfinite(actions).reshape(len(actions), -1).all(axis=1)
+        for row in np.flatnonzero(~finite):
+            reasons[row] = reasons[row] or (
+                "the policy computed non-finite actions (NaN or inf), most likely from "
+                "observation values far outside the training range"
+            )
+        return reasons
 
-    @classmethod
-    def from_weights(cls, spec: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> Policy:
-        prefix = "normalizer."
-        norm = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        policy = cls(spec, LinearNormalizer.from_state_dict(norm))
-        policy.load_state_dict({k: v for k, v in weights.items() if not k.startswith(prefix)})
-        return policy.eval()
+    def set_obs_limit(self, limit: float | None) -> None:
+        """Refuse observations more than ``limit`` half-ranges of the training data from its
+        middle (normalised |value| > limit; 1 is the training range itself); None: no limit."""
+        if limit is not None and not limit >= 1.0:
+            raise ValueError(f"obs_limit must be >= 1 (the training range) or None, got {limit}")
+        self.obs_limit = None if limit is None else float(limit)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, weights: str = "ema") -> Policy:
-        """Load a checkpoint folder (or its ``latest`` pointer's parent) for evaluation."""
-        from cm_policy.training.checkpoint import load_policy
 
-        return load_policy(path, weights=weights)
+class ActionRefused(ValueError):
+    """``predict_action`` computed actions that must not be sent: ``reasons[i]`` says why for
+    batch row i (None where the row is fine); ``actions`` holds every row, as computed."""
+
+    def __init__(self, reasons: list[str | None], actions: np.ndarray):
+        bad = [i for i, r in enumerate(reasons) if r]
+        first = reasons[bad[0]]
+        super().__init__(f"actions refused for batch rows {bad}: {first}")
+        self.reasons, self.actions = reasons, actions
+
+
+NOISE_MODES = "random | zero | mean:K"
+
+
+def parse_noise(noise: str) -> tuple[int, float]:
+    """(number of draws averaged, initial-noise scale) of a ``noise`` setting."""
+    if noise == "random":
+        return 1, 1.0
+    if noise == "zero":
+        return 1, 0.0
+    kind, _, k = str(noise).partition(":")
+    if kind == "mean" and k.isdigit() and int(k) >= 1:
+        return int(k), 1.0
+    raise ValueError(f"noise must be {NOISE_MODES}, got {noise!r}")
 
 
 def _plain(obj: Any) -> Any:

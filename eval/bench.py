@@ -32,19 +32,19 @@ import torch
 
 from cm_policy.cli import compose
 from cm_policy.evaluation.machine import describe_machine
-from cm_policy.methods import make_method
+from cm_policy.methods import METHODS, make_method
 from cm_policy.policy import Policy
-from cm_policy.training.trainer import TrainingData, fit_normalizer, policy_spec
+from cm_policy.training.data import TrainingData, fit_normalizer
+from cm_policy.training.trainer import policy_spec
 
 REAL_PUSHT = Path(__file__).resolve().parents[2] / "shared/data/pusht/pusht_cchi_v7_replay.zarr"
-SAMPLERS = {  # label -> (method name, method kwargs, steps)
-    "isd-1": ("isd", {}, 1),
-    "isd-2": ("isd", {}, 2),
-    "ddim-10": ("ddpm", {"sampler": "ddim"}, 10),
-    "ddpm-100": ("ddpm", {"sampler": "ddpm"}, 100),
-    "flow-16": ("flow", {}, 16),
+SAMPLERS = {  # label -> (method name, sampler kind, steps)
+    "isd-1": ("isd", None, 1),
+    "isd-2": ("isd", None, 2),
+    "ddim-10": ("ddpm", "ddim", 10),
+    "ddpm-100": ("ddpm", "ddpm", 100),
+    "flow-16": ("flow", None, 16),
 }
-TRAIN_METHODS = ("isd", "ddpm", "flow", "meanflow", "ict")
 
 
 def synchronize(device: torch.device) -> None:
@@ -88,7 +88,7 @@ def latency(policy: Policy, device: torch.device, batch: int, args) -> dict[str,
     rng = np.random.default_rng(0)
     key, dim = next(iter(policy.low_dim.items()))
     obs = {key: rng.uniform(0, 512, (batch, policy.n_obs_steps, dim)).astype(np.float32)}
-    methods = {label: (make_method(m, **kw), steps) for label, (m, kw, steps) in SAMPLERS.items()}
+    methods = {label: (make_method(m), kind, n) for label, (m, kind, n) in SAMPLERS.items()}
     x = torch.randn(batch, policy.horizon, policy.action_dim, device=device)
     cond = torch.randn(batch, policy.obs_encoder.out_dim, device=device)
     t, s = torch.ones(batch, device=device), torch.zeros(batch, device=device)
@@ -98,11 +98,11 @@ def latency(policy: Policy, device: torch.device, batch: int, args) -> dict[str,
         policy.net(x, t, s, cond)
 
     def sampler(label: str) -> Callable[[], object]:
-        method, steps = methods[label]
+        method, kind, steps = methods[label]
 
         def run() -> None:
             policy.method = method
-            policy.predict_action(obs, steps=steps)
+            policy.predict_action(obs, steps=steps, sampler=kind)
 
         return run
 
@@ -118,7 +118,7 @@ def training(cfg, device: torch.device, data: TrainingData, args) -> dict[str, f
     idx = data.draw(rng, batch)
     obs, action = data.windows(idx, cfg.n_obs_steps, device)
     fns = {}
-    for name in TRAIN_METHODS:
+    for name in METHODS:
         method_cfg = compose(
             "config", [f"method={name}", f"model={args.model}", f"task={args.task}"]
         )
@@ -189,9 +189,9 @@ def peak_rss_training(overrides: list[str], workdir: Path) -> float:
 
 def peak_rss_server(policy: Policy, workdir: Path, n_requests: int = 200) -> float:
     """Peak resident memory (MiB) of `cm-policy serve` after warm-up and n requests."""
+    from cm_policy.checkpoint import save_policy
     from cm_policy.serve import PolicyClient
     from cm_policy.serve.launch import spawn_server, stop_server
-    from cm_policy.training.checkpoint import save_policy
 
     save_policy(policy.cpu(), workdir / "ckpt")
     proc, port = spawn_server(workdir / "ckpt", workdir / "server.log")

@@ -20,6 +20,7 @@ import torch
 from cm_policy.cli import compose
 from cm_policy.data import LinearNormalizer
 from cm_policy.evaluation.machine import describe_machine
+from cm_policy.methods import make_method
 from cm_policy.methods.isd import ISD
 from cm_policy.policy import Policy
 from cm_policy.training.trainer import policy_spec
@@ -95,7 +96,8 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    batched, one_by_one = ISD(batch_passes=True), ISD(batch_passes=False)
+    batched = make_method("isd", batch_passes=True)
+    one_by_one = make_method("isd", batch_passes=False)
     step_times = interleaved(
         {True: (lambda: train_step(batched), 2), False: (lambda: train_step(one_by_one), 2)},
         rounds=5,
@@ -116,7 +118,7 @@ def main() -> None:
         f"Command: `python eval/bench_policy.py --model {args.model} --task {args.task} "
         f"--threads {args.threads} --batch {batch}`",
         "",
-        f"Machine: {describe_machine()}, {args.threads} torch threads, no GPU; "
+        f"Machine: {describe_machine()}, {args.threads} torch threads; "
         f"torch {torch.__version__}. "
         f"Network: model `{args.model}` ({n_params / 1e6:.2f}M parameters), task `{args.task}`, "
         f"horizon {cfg.horizon}. Medians of 200 calls (1 step, bare forward; measured in "

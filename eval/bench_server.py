@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from websockets.asyncio.client import connect
 
+from cm_policy.checkpoint import load_policy, save_policy
 from cm_policy.cli import compose
 from cm_policy.data import LinearNormalizer
 from cm_policy.evaluation.machine import describe_machine
@@ -38,7 +39,6 @@ from cm_policy.policy import Policy
 from cm_policy.serve import PolicyClient
 from cm_policy.serve.launch import spawn_server, stop_server
 from cm_policy.serve.protocol import decode_response, pack
-from cm_policy.training.checkpoint import load_policy, save_policy
 from cm_policy.training.trainer import policy_spec
 
 LATENCY_BLOCK = 50

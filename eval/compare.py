@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cm_policy.evaluation.compare import BUDGETS, METHODS, run_compare, write_report
+from harness import BUDGETS, all_entries, run_compare, write_report
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     )
     parser.add_argument("--task", default="pusht_keypoints")
     parser.add_argument("--budget", default="small", choices=sorted(BUDGETS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(all_entries()))
     parser.add_argument("--seeds", default="", help="comma-separated training seeds")
     parser.add_argument("--dataset", default=None, help="replay buffer (default: the task's)")
     parser.add_argument("--n-envs", type=int, default=None)

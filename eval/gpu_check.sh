@@ -35,6 +35,6 @@ stage train 150 "$PY" -m cm_policy.cli train task=pusht_keypoints model=unet_dp 
   training.warmup_steps=100 training.checkpoint_every=1500 training.num_threads=8 \
   output_dir="$OUT/train_keypoints_dp" || status=1
 stage eval 90 "$PY" -m cm_policy.cli eval checkpoint="$OUT/train_keypoints_dp" steps=1 \
-  n_episodes=100 n_envs=16 n_videos=2 out="$OUT/eval_keypoints_dp_steps1" || status=1
+  n_episodes=100 n_envs=16 n_videos=2 output_dir="$OUT/eval_keypoints_dp_steps1" || status=1
 echo "stages:"; cat "$OUT/stages.txt"
 exit $status

@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
+from cm_policy.checkpoint import load_policy, resolve_checkpoint
 from cm_policy.evaluation.machine import describe_machine
 from cm_policy.evaluation.runner import evaluate_policy
-from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
 TEST_START = 100000
 
@@ -76,7 +76,7 @@ def main() -> None:
         f"Command: `python eval/pusht_isd.py {' '.join('--run ' + r for r in args.run)} "
         f"--n-envs {args.n_envs} --note ...`",
         "",
-        f"Machine: {describe_machine()}, no GPU."
+        f"Machine: {describe_machine()}."
         " Policies: EMA weights of the last checkpoint. mean_score = mean over episodes "
         "of the episode's max reward clip(coverage / 0.95); success = coverage > 0.95 at some "
         "step; 300 env steps, n_obs_steps 2, n_action_steps 8, horizon 16. Intervals are 95% "

@@ -24,9 +24,6 @@ from cm_policy.data import (
     get_val_mask,
 )
 
-PUSHT_ZARR = (
-    Path(__file__).resolve().parents[1].parent / "shared/data/pusht/pusht_cchi_v7_replay.zarr"
-)
 EPISODE_LENGTHS = (5, 7, 3)
 
 
@@ -313,9 +310,8 @@ def test_non_numeric_array(saved: Path, tmp_path: Path) -> None:
 # -- real dataset -------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not PUSHT_ZARR.exists(), reason=f"PushT dataset not found at {PUSHT_ZARR}")
-def test_real_pusht_dataset() -> None:
-    buffer = ReplayBuffer.open(PUSHT_ZARR)
+def test_real_pusht_dataset(real_pusht: Path) -> None:
+    buffer = ReplayBuffer.open(real_pusht)
     assert buffer.zarr_format == 2
     assert buffer.n_episodes == 206 and buffer.n_steps == 25650
     assert buffer.episode_ends[0] == 161
@@ -331,13 +327,13 @@ def test_real_pusht_dataset() -> None:
     last = buffer.get_episode(-1, keys=["img", "action"])
     assert last["img"].shape == (buffer.episode_lengths[-1], 96, 96, 3)
 
-    ram = ReplayBuffer.load(PUSHT_ZARR, keys=["action", "state"])
+    ram = ReplayBuffer.load(real_pusht, keys=["action", "state"])
     np.testing.assert_array_equal(ram["action"][-3:], buffer["action"][-3:])
     # PushT coordinates live in a 512x512 workspace.
     assert 0 <= ram["action"].min() and ram["action"].max() <= 512
     sampler = SequenceSampler(ram.episode_ends, sequence_length=16, pad_before=1, pad_after=7)
     assert len(sampler) == 25650 - 7 * 206
-    assert "episodes:  206" in describe(PUSHT_ZARR)
+    assert "episodes:  206" in describe(real_pusht)
 
 
 # -- sampler ------------------------------------------------------------------------------------

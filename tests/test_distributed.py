@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tiny_config import TINY
 
-from cm_policy.cli import main
+from cm_policy.cli import run_command as main
 from cm_policy.training.distributed import Replica, local_slices
 
 SCHEDULE = ["training.steps=4", "training.checkpoint_every=2"]
@@ -30,10 +30,10 @@ def torchrun_train(*overrides: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_two_processes_match_one_and_resume(tiny_pusht: Path, tmp_path: Path):
+def test_two_processes_match_one_and_resume(planner_pusht: Path, tmp_path: Path):
     """2 processes x 1 micro-batch of 8 compute what 1 process x 2 micro-batches of 8 computes,
     also across a stop and resume, and with rank 0 evaluating in between."""
-    common = [*TINY, f"task.dataset_path={tiny_pusht}", *SCHEDULE]
+    common = [*TINY, f"task.dataset_path={planner_pusht}", *SCHEDULE]
     single = tmp_path / "single"
     main(["train", *common, f"output_dir={single}", "training.micro_batches=2"])
     ddp = tmp_path / "ddp"
@@ -56,8 +56,13 @@ def test_two_processes_match_one_and_resume(tiny_pusht: Path, tmp_path: Path):
         for key in ("loss", "loss_fm", "loss_sd", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
     assert len(list((ddp / "tensorboard").glob("events.out.tfevents.*"))) == 2  # 1 per launch
-    metrics = json.loads((ddp / "eval" / "step_0000004" / "metrics.json").read_text())
-    assert metrics["n_episodes"] == 2
+    # Rank 0 evaluated the test seeds once: its metrics summarise its episodes.
+    evaluation = ddp / "eval" / "step_0000004"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    episodes = json.loads((evaluation / "episodes.json").read_text())
+    assert [e["seed"] for e in episodes] == [100000, 100001] and metrics["n_episodes"] == 2
+    assert metrics["mean_score"] == pytest.approx(sum(e["max_reward"] for e in episodes) / 2)
+    assert metrics["success_rate"] == pytest.approx(sum(e["success"] for e in episodes) / 2)
 
 
 def test_global_batch_slicing():
@@ -71,13 +76,13 @@ def test_global_batch_slicing():
         local_slices(12, 3, world=2, rank=0)
 
 
-def test_micro_batches_must_divide_the_batch(tiny_pusht: Path, tmp_path: Path):
+def test_micro_batches_must_divide_the_batch(planner_pusht: Path, tmp_path: Path):
     with pytest.raises(ValueError, match=r"batch_size=16 .* divisible"):
         main(
             [
                 "train",
                 *TINY,
-                f"task.dataset_path={tiny_pusht}",
+                f"task.dataset_path={planner_pusht}",
                 f"output_dir={tmp_path}",
                 "training.micro_batches=3",
             ]

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
-from cm_policy.methods import DDPM, ICT, METHODS, make_method
+from cm_policy.methods import METHODS, make_method
 from cm_policy.models.unet import ConditionalUnet1D
 
 HORIZON, ACT, COND = 8, 2, 6
+EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
 VARIANTS = {
     "isd": {},
     "isd_jvp": {"derivative": "jvp"},
@@ -23,9 +23,10 @@ VARIANTS = {
     "meanflow": {},
     "meanflow_noadapt": {"adaptive_p": 0.0},
     "ict": {},
+    "regression": {},
 }
 RAW = {"isd": ("loss_fm", "loss_sd"), "ddpm": ("loss_eps",), "flow": ("loss_fm",)}
-RAW.update({"meanflow": ("loss_mf",), "ict": ("loss_ct",)})
+RAW.update({"meanflow": ("loss_mf",), "ict": ("loss_ct",), "regression": ("loss_mse",)})
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +69,7 @@ def test_loss_is_finite_and_samples_have_the_chunk_shape(variant: str):
     for key in RAW[base_name(variant)]:
         assert torch.isfinite(logs[key])
     with torch.no_grad():
-        for steps in (1, 3):
+        for steps in (1,) if variant == "regression" else (1, 3):
             out = method.sample(net, cond[:3], (3, HORIZON, ACT), steps=steps)
             assert out.shape == (3, HORIZON, ACT)
             assert out.abs().max() <= 1.0 and torch.isfinite(out).all()
@@ -110,7 +111,7 @@ def hand_alphas(n: int = 100) -> torch.Tensor:
 
 
 def test_ddpm_step_matches_a_hand_written_posterior_step():
-    method = DDPM()
+    method = make_method("ddpm")
     scheduler = method._schedulers["ddpm"]
     scheduler.set_timesteps(100)
     ab = hand_alphas()
@@ -130,14 +131,16 @@ def test_ddpm_step_matches_a_hand_written_posterior_step():
 
 def test_ddim_sampling_matches_a_hand_written_loop():
     """DDIM-10 with a fixed 'network' equals the deterministic DDIM update written by hand."""
-    method = DDPM(sampler="ddim")
+    method = make_method("ddpm")
     ab = hand_alphas()
 
     def model(x, t, s, cond):  # a fixed function of the input and the time
         return 0.3 * x + t.view(-1, 1, 1) - cond.mean()
 
     cond = torch.full((2, COND), 0.1)
-    got = method.sample(model, cond, (2, HORIZON, ACT), 10, torch.Generator().manual_seed(5))
+    got = method.sample(
+        model, cond, (2, HORIZON, ACT), 10, torch.Generator().manual_seed(5), "ddim"
+    )
     x = torch.randn((2, HORIZON, ACT), generator=torch.Generator().manual_seed(5))
     for k in range(99, 0, -10):  # "trailing" spacing: 99, 89, ..., 9
         eps = model(x, torch.full((2,), k / 100), None, cond)
@@ -145,19 +148,23 @@ def test_ddim_sampling_matches_a_hand_written_loop():
         prev = ab[k - 10] if k >= 10 else torch.tensor(1.0)
         x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
     torch.testing.assert_close(got, x.clamp(-1, 1), atol=1e-5, rtol=1e-5)
-    assert isinstance(method._schedulers["ddim"], DDIMScheduler)
-    assert isinstance(method._schedulers["ddpm"], DDPMScheduler)
+    # Training noises with the same cosine schedule that both samplers integrate.
+    for scheduler in (method.train_scheduler, *method._schedulers.values()):
+        torch.testing.assert_close(scheduler.alphas_cumprod, hand_alphas(), atol=1e-6, rtol=1e-5)
 
 
 def test_ddpm_rejects_bad_settings():
-    with pytest.raises(ValueError, match="sampler must be one of"):
-        DDPM(sampler="euler")
+    with pytest.raises(ValueError, match=r"method ddpm has samplers \['ddpm', 'ddim'\]"):
+        make_method("ddpm", sampler="euler")
+    ddpm = make_method("ddpm")
+    with pytest.raises(ValueError, match="got sampler='euler'"):
+        ddpm.sample(tiny_net(), torch.zeros(1, COND), (1, HORIZON, ACT), 1, None, "euler")
     with pytest.raises(ValueError, match=r"steps must be in \[1, 100\]"):
-        DDPM().sample(tiny_net(), torch.zeros(1, COND), (1, HORIZON, ACT), steps=101)
+        ddpm.sample(tiny_net(), torch.zeros(1, COND), (1, HORIZON, ACT), steps=101)
 
 
 def test_ict_boundary_condition_and_curriculum():
-    method, net = ICT(), tiny_net()
+    method, net = make_method("ict"), tiny_net()
     x = torch.randn(3, HORIZON, ACT)
     sigma = torch.full((3,), method.sigma_min)
     torch.testing.assert_close(method.consistency(net, x, sigma, torch.zeros(3, COND)), x)
@@ -169,20 +176,66 @@ def test_ict_boundary_condition_and_curriculum():
     assert method.n_intervals() == 21
 
 
-def test_compare_harness_runs_end_to_end_and_resumes(tiny_pusht: Path, tmp_path: Path):
-    from cm_policy.evaluation.compare import run_compare, write_report
+def assert_episodes_match_metrics(folder: Path, seeds: list[int]) -> None:
+    """An evaluation folder's metrics.json summarises its episodes.json, run on ``seeds``."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    episodes = json.loads((folder / "episodes.json").read_text())
+    assert [e["seed"] for e in episodes] == seeds
+    assert metrics["n_episodes"] == len(seeds) and metrics["seeds"] == [seeds[0], seeds[-1]]
+    assert metrics["mean_score"] == pytest.approx(np.mean([e["max_reward"] for e in episodes]))
+    assert metrics["success_rate"] == pytest.approx(np.mean([e["success"] for e in episodes]))
 
-    out = tmp_path / "runs"
-    results = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=str(tiny_pusht))
+
+def test_compare_harness_runs_end_to_end_and_resumes(
+    planner_pusht: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.syspath_prepend(str(EVAL_DIR))
+    from harness import BUDGETS, TEST_START, headline, run_compare, training_config, write_report
+
+    from cm_policy.checkpoint import load_policy
+    from cm_policy.evaluation.measure import chunk_spread
+
+    out, dataset = tmp_path / "runs", str(planner_pusht)
+    results = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=dataset)
     runs = results["runs"]
     assert set(runs) == {"isd_s0", "ddpm_s0"}
     assert set(runs["ddpm_s0"]["entries"]) == {"ddpm:100", "ddim:10", "ddim:1"}
-    for run in runs.values():
-        for entry in run["entries"].values():
-            assert entry["n_episodes"] == 2 and 0 <= entry["mean_score"] <= 1
-            assert entry["latency_ms"] > 0
+    for name, run in runs.items():
+        for sampler, entry in run["entries"].items():
+            folder = out / name / "compare" / sampler.replace(":", "")
+            assert_episodes_match_metrics(folder, [TEST_START, TEST_START + 1])
+            metrics = json.loads((folder / "metrics.json").read_text())
+            assert {k: v for k, v in entry.items() if k != "latency_ms"} == metrics
         assert run["train"]["nonfinite_steps"] == 0 and run["train"]["grad_max"] > 0
-        assert run["degeneracy"]["spread"] >= 0
+        # Generative methods: different noise for one observation gives different chunks.
+        assert run["degeneracy"]["sampler"] == headline(run["method"])
+        assert run["degeneracy"]["spread"] > 0.05, run["degeneracy"]
+    # Latency is measured at each sampler's own cost: 100 network evaluations against 1.
+    entries = runs["ddpm_s0"]["entries"]
+    assert entries["ddpm:100"]["latency_ms"] > 5 * entries["ddim:1"]["latency_ms"]
+
+    # The spread is the variation across noise draws for one observation, not across
+    # observations: zero for a sampler that ignores its noise, the noise's own std for one that
+    # returns it.
+    policy = load_policy(out / "isd_s0", weights="ema")
+    cfg = training_config("pusht_keypoints", "isd", BUDGETS["tiny"], 0, dataset, out)
+    sampled = []
+
+    def ignores_noise(net, cond, shape, steps=None, generator=None, sampler=None, z=None):
+        sampled.append(torch.tanh(cond.mean(dim=1)).view(-1, 1, 1).expand(shape))
+        return sampled[-1]
+
+    def returns_noise(net, cond, shape, steps=None, generator=None, sampler=None, z=None):
+        return torch.randn(shape, generator=generator)
+
+    monkeypatch.setattr(policy.method, "sample", ignores_noise)
+    assert chunk_spread(policy, cfg, "1", n_obs=8, n_draws=4)["spread"] < 1e-6
+    assert sampled[-1].std() > 0.01  # while the chunks of different observations differ
+    monkeypatch.setattr(policy.method, "sample", returns_noise)
+    assert chunk_spread(policy, cfg, "1", n_obs=64, n_draws=16)["spread"] == pytest.approx(
+        1.0, abs=0.05
+    )
+
     report = write_report(results, tmp_path / "results", "python eval/compare.py ...", "notes")
     text = report.read_text()
     assert "| isd | isd-1 | 1 |" in text and "| ddpm | ddpm-100 | 100 |" in text
@@ -190,13 +243,14 @@ def test_compare_harness_runs_end_to_end_and_resumes(tiny_pusht: Path, tmp_path:
         assert (tmp_path / "results" / f"compare_pusht_keypoints_{png}.png").stat().st_size > 0
     # A second call reuses every finished run and evaluation.
     stamp = (out / "isd_s0" / "compare" / "1" / "metrics.json").stat().st_mtime_ns
-    again = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=str(tiny_pusht))
+    again = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=dataset)
     assert (out / "isd_s0" / "compare" / "1" / "metrics.json").stat().st_mtime_ns == stamp
     assert json.dumps(again["runs"], sort_keys=True) == json.dumps(runs, sort_keys=True)
 
 
-def test_train_seconds_plans_the_steps_from_step_costs():
-    from cm_policy.evaluation.compare import RUN_OVERHEAD, plan_steps
+def test_train_seconds_plans_the_steps_from_step_costs(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(EVAL_DIR))
+    from harness import RUN_OVERHEAD, plan_steps
 
     costs = {"isd": 0.03, "ddpm": 0.02}
     # 2 methods x 2 seeds at 0.05 s x RUN_OVERHEAD a step pair in 300 s, rounded down to 100s
@@ -206,3 +260,82 @@ def test_train_seconds_plans_the_steps_from_step_costs():
     assert plan_steps(costs, ["isd"], 1, 1) == 100  # never fewer than 100
     with pytest.raises(ValueError, match=r"no step cost for \['flow'\]"):
         plan_steps(costs, ["isd", "flow"], 1, 300)
+
+
+def test_methods_declare_what_they_log_and_sample():
+    """The registry's declarations are what the methods do: the logged terms are the declared
+    loss keys, every evaluated sampler label parses to one of the method's sampler kinds, and the
+    headline is the label of the YAML's default setting."""
+    for name, cls in METHODS.items():
+        method, net = make_method(name), tiny_net()
+        torch.manual_seed(0)
+        _, logs = method.loss(net, torch.rand(4, HORIZON, ACT) * 2 - 1, torch.randn(4, COND))
+        assert set(cls.loss_keys) <= set(logs), name
+        for label in cls.eval_samplers:
+            kind, steps = method.parse_label(label)
+            assert kind in cls.samplers and steps >= 1 and method.label(kind, steps) == label
+        assert method.headline == method.label(None, method.default_steps)
+    assert make_method("ddpm").headline == "ddpm:100"
+    assert make_method("isd").headline == "1"
+
+
+def test_registry_discovers_a_new_module_and_refuses_duplicate_names(tmp_path: Path):
+    import importlib
+    import sys
+
+    from cm_policy.methods.base import Method
+    from cm_policy.registry import discover
+
+    pkg = tmp_path / "extra_methods"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    body = (
+        "from cm_policy.methods.base import Method\n"
+        "class Mine(Method):\n    name = {name!r}\n"
+        "    def loss(self, model, actions, cond): ...\n"
+        "    def sample(self, model, cond, shape, steps=None, generator=None, sampler=None,"
+        " z=None): ...\n"
+    )
+    (pkg / "mine.py").write_text(body.format(name="mine"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        found = discover(importlib.import_module("extra_methods"), Method)
+        assert list(found) == ["mine"] and found["mine"].__module__ == "extra_methods.mine"
+        (pkg / "twin.py").write_text(body.format(name="mine"))
+        with pytest.raises(RuntimeError, match="two Methods are named 'mine'"):
+            discover(importlib.import_module("extra_methods"), Method)
+    finally:
+        sys.path.remove(str(tmp_path))
+        for mod in [m for m in sys.modules if m.startswith("extra_methods")]:
+            del sys.modules[mod]
+
+
+def test_regression_is_deterministic_and_one_step():
+    method, net = make_method("regression"), tiny_net()
+    cond = torch.randn(3, COND)
+    a = method.sample(net, cond, (3, HORIZON, ACT), generator=torch.Generator().manual_seed(0))
+    b = method.sample(net, cond, (3, HORIZON, ACT), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)  # no noise enters
+    with pytest.raises(ValueError, match="regression samples in one step"):
+        method.sample(net, cond, (3, HORIZON, ACT), steps=2)
+    with pytest.raises(ValueError, match="regression samples in one step"):
+        make_method("regression", default_steps=4)
+
+
+@pytest.mark.parametrize("name", ["isd", "flow", "ddpm", "meanflow", "ict"])
+def test_zero_initial_noise_is_what_the_sampler_starts_from(name: str):
+    """``z`` replaces the first noise draw: zero noise gives the same chunk whatever the
+    generator (for the deterministic samplers), and random z reproduces the seeded draw."""
+    method, net = make_method(name), tiny_net()
+    cond, shape = torch.randn(2, COND), (2, HORIZON, ACT)
+    kind = "ddim" if name == "ddpm" else None
+    z = torch.zeros(shape)
+    first = method.sample(net, cond, shape, 2, torch.Generator().manual_seed(0), kind, z)
+    second = method.sample(net, cond, shape, 2, torch.Generator().manual_seed(1), kind, z)
+    if name != "ict":  # iCT re-noises between its steps
+        torch.testing.assert_close(first, second)
+    drawn = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    seeded = method.sample(net, cond, shape, 1, torch.Generator().manual_seed(3), kind)
+    given = method.sample(net, cond, shape, 1, torch.Generator().manual_seed(9), kind, drawn)
+    torch.testing.assert_close(seeded, given)
+    assert not torch.allclose(first, seeded)

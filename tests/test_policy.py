@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from cm_policy.checkpoint import load_policy, resolve_checkpoint
 from cm_policy.data import LinearNormalizer
-from cm_policy.methods.isd import ISD
+from cm_policy.methods import make_method
 from cm_policy.models.unet import ConditionalUnet1D
 from cm_policy.policy import Policy
-from cm_policy.training.checkpoint import load_policy, resolve_checkpoint
 
 SPEC = {
     "task": {"action_dim": 2, "low_dim": {"keypoints": 20}, "image_keys": []},
@@ -58,8 +58,8 @@ def test_jvp_and_finite_difference_derivatives_agree():
     s = t * 0.3
     cond = torch.randn(4, 6, dtype=torch.float64)
     v = torch.randn_like(x)
-    fd = ISD("finite_difference", fd_eps=1e-4).time_derivative(net, x, t, s, cond, v)
-    jvp = ISD("jvp").time_derivative(net, x, t, s, cond, v)
+    fd = make_method("isd", fd_eps=1e-4).time_derivative(net, x, t, s, cond, v)
+    jvp = make_method("isd", derivative="jvp").time_derivative(net, x, t, s, cond, v)
     assert jvp.abs().max() > 1e-3
     torch.testing.assert_close(fd, jvp, atol=1e-5, rtol=1e-4)
 
@@ -68,7 +68,7 @@ def test_jvp_and_finite_difference_derivatives_agree():
 def test_isd_loss_finite_and_decreases(derivative: str):
     torch.manual_seed(0)
     net = ConditionalUnet1D(2, 4, down_dims=(16, 32), kernel_size=3, n_groups=4)
-    method = ISD(derivative)
+    method = make_method("isd", derivative=derivative)
     # A trivial dataset: the action chunk is a fixed function of the condition.
     cond = torch.randn(64, 4)
     actions = torch.tanh(cond[:, :2]).unsqueeze(1).expand(64, 16, 2).contiguous()
@@ -114,7 +114,7 @@ def test_predict_action_rejects_bad_observations():
 
 
 def test_save_load_gives_identical_actions(tmp_path: Path):
-    from cm_policy.training.checkpoint import save_checkpoint
+    from cm_policy.checkpoint import save_checkpoint
 
     policy = make_policy()
     ema = copy.deepcopy(policy)
@@ -145,7 +145,7 @@ def test_bad_checkpoint_gives_clear_error(tmp_path: Path):
 
 
 def test_ema_only_checkpoint_loads_and_devices_are_checked(tmp_path: Path):
-    from cm_policy.training.checkpoint import save_policy
+    from cm_policy.checkpoint import save_policy
 
     policy = make_policy()
     folder = save_policy(policy, tmp_path)
@@ -177,3 +177,65 @@ def test_seeded_noise_is_the_cpu_generators_whatever_the_device():
         on_gpu = noise((3, 16, 2), like.cuda(), torch.Generator().manual_seed(5))
         assert on_gpu.device.type == "cuda"
         torch.testing.assert_close(on_gpu.cpu(), drawn, rtol=0, atol=0)
+
+
+def test_sampler_and_noise_are_arguments_of_predict_action():
+    policy = make_policy()
+    obs = {"keypoints": np.random.default_rng(2).uniform(0, 512, (3, 2, 20)).astype(np.float32)}
+
+    def act(seed: int, **kwargs) -> np.ndarray:
+        return policy.predict_action(obs, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    # Zero initial noise: the same chunk whatever the generator; random noise: it varies.
+    np.testing.assert_array_equal(act(0, noise="zero"), act(1, noise="zero"))
+    assert not np.allclose(act(0), act(1))
+    assert not np.allclose(act(0, noise="zero"), act(0))
+    # The mean of K draws is the mean of K consecutive draws from the same generator.
+    generator = torch.Generator().manual_seed(4)
+    draws = [policy.predict_action(obs, generator=generator) for _ in range(3)]
+    np.testing.assert_allclose(act(4, noise="mean:3"), np.mean(draws, axis=0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(act(0, sampler="flowmap", steps=2), act(0, steps=2))
+    with pytest.raises(ValueError, match=r"noise must be random \| zero \| mean:K, got 'mean:0'"):
+        act(0, noise="mean:0")
+    with pytest.raises(ValueError, match=r"method isd has samplers \['flowmap'\]"):
+        act(0, sampler="ddim")
+
+
+def test_non_finite_actions_and_far_observations_are_refused():
+    from cm_policy.policy import ActionRefused
+
+    policy = make_policy()
+    obs = {"keypoints": np.full((3, 2, 20), 100.0, dtype=np.float32)}
+    assert np.isfinite(policy.predict_action(obs)).all()
+    obs["keypoints"][1] = 1e38  # finite, but the network overflows
+    with pytest.raises(ActionRefused, match=r"rows \[1\]: the policy computed non-finite") as err:
+        policy.predict_action(obs)
+    assert [r is None for r in err.value.reasons] == [True, False, True]
+    assert np.isfinite(err.value.actions[[0, 2]]).all()
+    obs["keypoints"][1] = 100.0
+    obs["keypoints"][2, :, 0] = 512 + 3 * 512  # 7 half-ranges from the middle of [0, 512]
+    assert np.isfinite(policy.predict_action(obs)).all()  # no limit by default
+    policy.set_obs_limit(2.0)
+    with pytest.raises(ActionRefused, match=r"rows \[2\]: observation 'keypoints' lies 7"):
+        policy.predict_action(obs)
+    with pytest.raises(ValueError, match="obs_limit must be >= 1"):
+        policy.set_obs_limit(0.5)
+
+
+def test_loading_a_policy_imports_no_training_code():
+    import subprocess
+    import sys
+
+    for statement in (
+        "from cm_policy.policy import Policy",
+        "from cm_policy.checkpoint import load_policy",
+    ):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", statement],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        imported = [line.split("|")[-1].strip() for line in out.stderr.splitlines()]
+        assert "cm_policy.policy" in imported  # the probe sees the package's imports
+        assert not [m for m in imported if m.startswith("cm_policy.training")], statement

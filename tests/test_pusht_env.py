@@ -17,9 +17,9 @@ from cm_policy.envs.pusht import (
     PushTEnv,
     coverage_of,
     keypoint_obs,
+    render_state,
 )
 
-DATASET = Path(__file__).resolve().parents[1].parent / "shared/data/pusht/pusht_cchi_v7_replay.zarr"
 # The T's centre of gravity in the block frame (the reference's unweighted mean of the two parts'
 # centroids); the legacy reset setter rotates the block about it.
 BLOCK_COG = np.array([0.0, 45.0])
@@ -40,12 +40,10 @@ def rollout(env: PushTEnv, seed: int, actions: np.ndarray) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def dataset() -> dict[str, np.ndarray]:
-    if not (DATASET / "data" / "state").exists():
-        pytest.skip(f"real PushT dataset not found at {DATASET}")
+def dataset(real_pusht: Path) -> dict[str, np.ndarray]:
     import zarr
 
-    root = zarr.open_group(str(DATASET), mode="r")
+    root = zarr.open_group(str(real_pusht), mode="r")
     return {
         "state": root["data/state"][:].astype(np.float64),
         "action": root["data/action"][:].astype(np.float64),
@@ -174,6 +172,26 @@ def test_observations_match_the_observation_space(obs_type):
             assert o[key].shape == space.shape
             assert o[key].dtype == space.dtype
         assert env.observation_space.contains(o)
+
+
+def test_human_images_become_uint8_observations_like_the_rendered_ones(real_pusht: Path):
+    """The human dataset stores float32 images: the image task turns them into the uint8
+    observations the env renders (1.8 / 255 per pixel apart, along shape edges)."""
+    from cm_policy.data import ReplayBuffer
+    from cm_policy.tasks import load_task
+
+    episode = ReplayBuffer.open(real_pusht).get_episode(0, keys=["img", "state"])
+    assert episode["img"].dtype == np.float32
+    obs = load_task({"env": "pusht", "obs_type": "image"}).dataset_obs(episode)
+    assert obs["image"].dtype == np.uint8
+    np.testing.assert_array_equal(obs["image"], np.clip(np.rint(episode["img"]), 0, 255))
+    np.testing.assert_array_equal(obs["agent_pos"], episode["state"][:, :2])
+    frames = (0, 80, 160)  # the block moves in between
+    for t in frames:
+        rendered = render_state(episode["state"][t].astype(np.float64), 96).astype(np.float64)
+        errors = {u: np.abs(rendered - obs["image"][u]).mean() for u in frames}
+        assert errors[t] < 2.5, errors
+        assert min(e for u, e in errors.items() if u != t) > 4.0, errors
 
 
 def test_image_observation_is_96x96_rgb_uint8():

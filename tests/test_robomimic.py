@@ -464,14 +464,14 @@ def test_convert_with_absolute_actions_replays(lift_demos, tmp_path):
 
 @needs_robosuite
 def test_image_env_and_tasks(tmp_path):
-    from cm_policy.tasks import dataset_keys, dataset_obs, make_env
+    from cm_policy.tasks import load_task
 
     task = OmegaConf.to_container(OmegaConf.load(TASK_DIR / "robomimic_lift_image.yaml"))
-    assert dataset_keys(task) == [
+    assert load_task(task).dataset_keys() == [
         "action", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos",
         "agentview_image", "robot0_eye_in_hand_image",
     ]  # fmt: skip
-    env = make_env(task)
+    env = load_task(task).make_env()
     try:
         obs, info = env.reset(seed=0)
         assert set(obs) == set(task["low_dim"]) | set(task["image_keys"])
@@ -484,11 +484,11 @@ def test_image_env_and_tasks(tmp_path):
         frame = env.render()
         assert frame.shape == (256, 256, 3) and frame.dtype == np.uint8
         recorded = {k: v[None] for k, v in env.full_obs().items()}
-        assert set(dataset_obs(task, recorded)) == set(obs)
+        assert set(load_task(task).dataset_obs(recorded)) == set(obs)
     finally:
         env.close()
     lowdim = OmegaConf.to_container(OmegaConf.load(TASK_DIR / "robomimic_lift_lowdim.yaml"))
-    env = make_env(lowdim)
+    env = load_task(lowdim).make_env()
     try:
         obs, _ = env.reset(seed=0)
         assert {k: v.shape[0] for k, v in obs.items()} == lowdim["low_dim"]
@@ -499,7 +499,7 @@ def test_image_env_and_tasks(tmp_path):
 
 @needs_robosuite
 def test_cli_convert(lift_demos, tmp_path, capsys):
-    from cm_policy.cli import main
+    from cm_policy.cli import run_command as main
 
     path, _ = lift_demos
     main(["data", "convert", "robomimic", str(path), str(tmp_path / "cli.zarr")])

@@ -11,7 +11,7 @@ import pytest
 from cm_policy.envs.pusht import GOAL_POSE, PushTEnv
 from cm_policy.evaluation.runner import evaluate, run_episodes
 from cm_policy.evaluation.video import read_mp4
-from cm_policy.tasks import env_factory
+from cm_policy.tasks import load_task
 
 TASK = {"env": "pusht", "obs_type": "state"}
 
@@ -32,7 +32,7 @@ def test_runner_parallel_envs_and_outputs(tmp_path: Path):
     seeds = list(range(100000, 100005))
     metrics = evaluate(
         policy,
-        env_factory(TASK),
+        load_task(TASK).env_factory(),
         seeds,
         tmp_path,
         n_envs=2,
@@ -87,4 +87,4 @@ def test_runner_rejects_bad_policy_output():
             return np.zeros((5, 2))
 
     with pytest.raises(ValueError, match="n_action_steps"):
-        run_episodes(Wrong(), env_factory(TASK), [0], n_envs=1, progress=False)
+        run_episodes(Wrong(), load_task(TASK).env_factory(), [0], n_envs=1, progress=False)

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
+from cm_policy.checkpoint import load_policy, save_policy
 from cm_policy.data import LinearNormalizer
 from cm_policy.evaluation.runner import run_episodes
 from cm_policy.policy import Policy
@@ -28,8 +29,7 @@ from cm_policy.serve import PolicyClient, ServerError
 from cm_policy.serve.batching import InferRequest, MicroBatcher
 from cm_policy.serve.launch import healthz, spawn_server, stop_server
 from cm_policy.serve.protocol import decode_response, pack
-from cm_policy.tasks import env_factory
-from cm_policy.training.checkpoint import load_policy, save_policy
+from cm_policy.tasks import load_task
 
 SPEC = {
     "task": {
@@ -118,7 +118,7 @@ def raw_call(connection: ClientConnection, message: Any) -> dict[str, Any]:
 
 def test_runner_through_client_matches_in_process(server: str, policy: Policy):
     seeds = [100000, 100001, 100002]
-    env_fn = env_factory(SPEC["task"])
+    env_fn = load_task(SPEC["task"]).env_factory()
 
     def run(predictor: Recorder) -> list[float]:
         envs = gym.vector.SyncVectorEnv(
@@ -164,6 +164,7 @@ def test_metadata_steps_override_and_batched_window(server: str, policy: Policy)
         assert not np.array_equal(client.predict_action(obs, seed=7), action)
         unseeded = client.predict_action(obs)
         assert unseeded.shape == (4, N_ACT, 2) and np.isfinite(unseeded).all()
+        assert not np.array_equal(client.predict_action(obs), unseeded)  # fresh noise each time
         assert set(client.last_timing) >= {"queue_ms", "compute_ms", "server_ms", "batch_rows"}
 
 
@@ -344,7 +345,7 @@ def test_health_endpoint_and_plain_http(server: str):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(checkpoint: Path, tmp_path: Path):
-    proc, port = spawn_server(checkpoint, tmp_path / "server.log", "max_steps=100000")
+    proc, port = spawn_server(checkpoint, tmp_path / "server.log", "max_infer_steps=100000")
     uri = f"ws://127.0.0.1:{port}"
     try:
         with PolicyClient(uri) as monitor, connect(uri, compression=None) as connection:
@@ -383,7 +384,11 @@ class EchoPolicy:
         self.calls: list[tuple[int, int | None, bool]] = []
 
     def predict_action(
-        self, obs: Mapping[str, np.ndarray], steps: int | None = None, generator: Any = None
+        self,
+        obs: Mapping[str, np.ndarray],
+        steps: int | None = None,
+        generator: Any = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
         self.calls.append((len(obs["x"]), steps, generator is not None))
         return obs["x"][:, -1:] * (steps or 1)
@@ -422,3 +427,70 @@ def test_micro_batcher_merges_and_splits_requests():
     assert sorted(echo.calls[:3]) == [(1, None, True), (2, 3, False), (3, None, False)]
     assert echo.calls[3:] == [(2, None, False)]
     assert (batcher.requests, batcher.passes) == (5, 4)
+
+
+def test_server_never_sends_non_finite_actions(server: str):
+    """Finite but extreme observations (a broken sensor's 1e38) make the network overflow: the
+    request gets an error reply that says why, counted in health, and the session goes on. Other
+    requests batched with it are answered."""
+    extreme = np.full((1, N_OBS, DIM), 1e38, dtype=np.float32)
+    with connect(server, compression=None) as connection:
+        assert raw_call(connection, {"type": "hello"})["ok"]
+        before = raw_call(connection, {"type": "health"})["refused"]
+        reply = raw_call(connection, window_infer(extreme))
+        assert reply["type"] == "error" and reply["ok"] is False and "action" not in reply
+        assert "non-finite actions" in reply["error"], reply
+        assert raw_call(connection, {"type": "health"})["refused"] == before + 1
+        action = raw_call(connection, window_infer(GOOD))["action"]
+        assert action.shape == (1, N_ACT, 2) and np.isfinite(action).all()
+        reply = raw_call(connection, window_infer(GOOD, sampler="ddim"))
+        assert "unknown sampler" in reply["error"] and reply["expected"] == ["flowmap"]
+        reply = raw_call(connection, window_infer(GOOD, sampler="flowmap", steps=2, seed=3))
+        assert reply["action"].shape == (1, N_ACT, 2)
+
+
+def test_server_obs_limit_refuses_far_observations(checkpoint: Path, tmp_path: Path):
+    proc, port = spawn_server(checkpoint, tmp_path / "server.log", "obs_limit=2")
+    try:
+        with PolicyClient(f"ws://127.0.0.1:{port}") as client:
+            assert client.metadata["obs_limit"] == 2.0
+            inside = random_obs(1, N_OBS)  # the training range: [0, 512]
+            assert np.isfinite(client.predict_action(inside)).all()
+            far = {KEY: inside[KEY] + 4 * 512}  # 9 half-ranges from the middle
+            with pytest.raises(ServerError, match="accepts up to 2 \\(obs_limit\\)"):
+                client.predict_action(far)
+            assert client.health()["refused"] == 1
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_batcher_answers_the_good_rows_of_a_refused_pass():
+    """A pass whose batch holds a refused row answers the other requests of the batch."""
+    from cm_policy.policy import ActionRefused
+
+    def predict(window, steps=None, generator=None, sampler=None):
+        x = window["x"][:, -1]
+        if (x > 100).any():
+            reasons = ["too far" if v > 100 else None for v in x[:, 0]]
+            raise ActionRefused(reasons, x[:, None] * 1.0)
+        return x[:, None] * 1.0
+
+    batcher = MicroBatcher(predict, max_batch=8, wait_s=0.5, active_sessions=lambda: 1)
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        requests = [
+            InferRequest({"x": np.full((1, 2, 1), v)}, None, None, 0.0, loop.create_future(), loop)
+            for v in (1.0, 500.0, 3.0)
+        ]
+        for request in requests:
+            batcher.submit(request)
+        batcher.start()
+        results = await asyncio.gather(*(r.future for r in requests), return_exceptions=True)
+        await asyncio.to_thread(batcher.stop)
+        return results
+
+    results = asyncio.run(main())
+    assert results[0].action[0, 0, 0] == 1.0 and results[2].action[0, 0, 0] == 3.0
+    assert "too far" in str(results[1]) and batcher.refused == 1
+    assert results[0].batch_requests == 3  # one pass for all three

@@ -228,23 +228,53 @@ def evaluate_policy(
     out_dir: str | Path,
     *,
     steps: int | None = None,
+    sampler: str | None = None,
+    noise: str = "random",
     extra: Mapping[str, Any] | None = None,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate` a :class:`~cm_policy.policy.Policy` on the task of its spec, with its own
-    observation window and action steps, at ``steps`` network evaluations per chunk."""
-    from cm_policy.tasks import env_factory
+    observation window and action steps, with its method's sampler ``sampler`` (default kind
+    when None) at ``steps`` network evaluations per chunk and initial noise ``noise``; episodes
+    last the task's horizon unless ``max_steps`` is given."""
+    from cm_policy.tasks import load_task
 
+    task = load_task(policy.spec["task"])
     steps = steps or policy.method.default_steps
+    sampler = policy.method.resolve_sampler(sampler)
+    if run_kwargs.get("max_steps") is None:
+        run_kwargs["max_steps"] = task.horizon
     policy.eval()
     return evaluate(
         policy,
-        env_factory(policy.spec["task"]),
+        task.env_factory(),
         seeds,
         out_dir,
         n_obs_steps=policy.n_obs_steps,
         n_action_steps=policy.n_action_steps,
-        predict_kwargs={"steps": steps},
-        extra={"steps": steps, **(extra or {})},
+        predict_kwargs={"steps": steps, "sampler": sampler, "noise": noise},
+        extra={"steps": steps, "sampler": sampler, "noise": noise, **(extra or {})},
         **run_kwargs,
+    )
+
+
+def evaluate_config(
+    policy: Any, ec: Mapping[str, Any], out_dir: str | Path, **overrides: Any
+) -> dict[str, Any]:
+    """:func:`evaluate_policy` with the settings of an eval config (``config/eval``), any of them
+    replaced by ``overrides``."""
+    ec = {**ec, **overrides}
+    start = int(ec["start_seed"])
+    return evaluate_policy(
+        policy,
+        list(range(start, start + int(ec["n_episodes"]))),
+        out_dir,
+        steps=ec["steps"],
+        sampler=ec["sampler"],
+        noise=ec["noise"],
+        max_steps=ec["max_steps"],
+        n_envs=int(ec["n_envs"]),
+        n_videos=int(ec["n_videos"]),
+        progress=bool(ec["progress"]),
+        extra=ec.get("extra"),
     )

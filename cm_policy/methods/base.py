@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,11 +13,27 @@ class Method(ABC):
     """A way to train the network on normalised action chunks and to sample from it.
 
     The network is called as ``model(x, t, s, cond)``; methods that need one time only pass it
-    twice. ``default_steps`` is the number of network evaluations used when none is asked for.
+    twice. A method module declares, beside its class:
+
+    - ``loss_keys``: the raw loss terms its ``loss`` logs (plotted and compared);
+    - ``samplers``: its sampler kinds, the first being the default unless the config's ``sampler``
+      names another; a sampler is chosen per call (``sample(..., sampler=...)``);
+    - ``eval_samplers``: the sampler labels a comparison evaluates (``"N"``, or ``"kind:N"`` for a
+      method with several kinds: N network evaluations of that kind).
+
+    Hyper-parameters, ``default_steps`` included, come from the method's YAML
+    (``config/method/<name>.yaml``) and are saved with every checkpoint; the constructor takes
+    them all as keywords and has no defaults of its own.
     """
 
-    name: str = ""
-    default_steps: int = 1
+    name: ClassVar[str] = ""
+    loss_keys: ClassVar[tuple[str, ...]] = ()
+    samplers: ClassVar[tuple[str, ...]] = ()
+    eval_samplers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, default_steps: int, sampler: str | None = None):
+        self.default_steps = int(default_steps)
+        self.default_sampler = self.resolve_sampler(sampler or self.samplers[0])
 
     @abstractmethod
     def loss(
@@ -32,8 +49,14 @@ class Method(ABC):
         shape: tuple[int, ...],
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Normalised action chunks of ``shape`` (B, horizon, action_dim), clipped to [-1, 1]."""
+        """Normalised action chunks of ``shape`` (B, horizon, action_dim), clipped to [-1, 1].
+
+        ``z``: the initial noise (drawn from ``generator`` when None); the noise diagnostic
+        passes zeros to see whether the policy uses it.
+        """
 
     def resolve_steps(self, steps: int | None) -> int:
         """``steps``, or the method's default when none is asked for; at least 1."""
@@ -42,12 +65,37 @@ class Method(ABC):
             raise ValueError(f"steps must be >= 1, got {steps}")
         return steps
 
+    def resolve_sampler(self, sampler: str | None) -> str:
+        """``sampler``, or the default kind when None; a clear error for a kind not offered."""
+        if sampler is None:
+            return self.default_sampler
+        if sampler not in self.samplers:
+            raise ValueError(
+                f"method {self.name} has samplers {list(self.samplers)}, got sampler={sampler!r}"
+            )
+        return sampler
+
+    def label(self, sampler: str | None, steps: int | None) -> str:
+        """The label of a sampler setting: ``"N"``, or ``"kind:N"`` where there are several."""
+        steps = self.resolve_steps(steps)
+        return f"{self.resolve_sampler(sampler)}:{steps}" if len(self.samplers) > 1 else str(steps)
+
+    @property
+    def headline(self) -> str:
+        """The setting the method is known by: its default sampler and steps."""
+        return self.label(None, None)
+
+    def parse_label(self, label: str) -> tuple[str, int]:
+        """(sampler kind, steps) of a label made by :meth:`label`."""
+        kind, _, steps = str(label).rpartition(":")
+        return self.resolve_sampler(kind or None), int(steps)
+
     def set_progress(self, step: int, total_steps: int) -> None:  # noqa: B027
         """Called by the trainer before each step; methods with a curriculum (iCT) use it."""
 
-    def config(self) -> dict:
-        """The hyper-parameters that rebuild this method (saved with checkpoints)."""
-        return {}
+    def training_warnings(self, amp: bool) -> list[str]:
+        """Settings of this method that a training setup would make unsound, in words."""
+        return []
 
 
 def ordered_beta_times(
@@ -85,13 +133,14 @@ def euler_sample(
     steps: int,
     generator: torch.Generator | None,
     jump: bool,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """From noise at t = 1 to t = 0 on ``steps`` equal intervals, ``x <- x - (t - s) F``.
 
     ``jump``: F is a flow map's average velocity from t to s, ``F(x, t, s)``; otherwise it is an
     instantaneous velocity, ``F(x, t, t)`` (Euler steps of a flow).
     """
-    x = noise(shape, cond, generator)
+    x = noise(shape, cond, generator) if z is None else z
     grid = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
     for k in range(steps):
         t = grid[k].expand(shape[0])

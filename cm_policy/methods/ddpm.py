@@ -17,25 +17,24 @@ from torch import nn
 
 from cm_policy.methods.base import Method, noise
 
-SAMPLERS = ("ddpm", "ddim")
-
 
 class DDPM(Method):
     name = "ddpm"
+    loss_keys = ("loss_eps",)
+    samplers = ("ddpm", "ddim")
+    eval_samplers = ("ddpm:100", "ddim:10", "ddim:1")
 
     def __init__(
         self,
-        num_train_timesteps: int = 100,
-        beta_schedule: str = "squaredcos_cap_v2",
-        clip_sample: bool = True,
-        sampler: str = "ddpm",
-        default_steps: int = 100,
+        *,
+        num_train_timesteps: int,
+        beta_schedule: str,
+        clip_sample: bool,
+        default_steps: int,
+        sampler: str | None = None,
     ):
+        super().__init__(default_steps=default_steps, sampler=sampler)
         self.num_train_timesteps = num_train_timesteps
-        self.beta_schedule = beta_schedule
-        self.clip_sample = clip_sample
-        self.sampler = sampler
-        self.default_steps = default_steps
         common = {
             "num_train_timesteps": num_train_timesteps,
             "beta_schedule": beta_schedule,
@@ -47,25 +46,6 @@ class DDPM(Method):
         self._schedulers = {
             "ddpm": DDPMScheduler(**common),
             "ddim": DDIMScheduler(**common, set_alpha_to_one=True),
-        }
-
-    @property
-    def sampler(self) -> str:
-        return self._sampler
-
-    @sampler.setter
-    def sampler(self, value: str) -> None:
-        if value not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {value!r}")
-        self._sampler = value
-
-    def config(self) -> dict:
-        return {
-            "num_train_timesteps": self.num_train_timesteps,
-            "beta_schedule": self.beta_schedule,
-            "clip_sample": self.clip_sample,
-            "sampler": self.sampler,
-            "default_steps": self.default_steps,
         }
 
     def time_input(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -89,13 +69,15 @@ class DDPM(Method):
         shape: tuple[int, ...],
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         steps = steps or self.default_steps
         if not 1 <= steps <= self.num_train_timesteps:
             raise ValueError(f"steps must be in [1, {self.num_train_timesteps}], got {steps}")
-        scheduler = self._schedulers[self.sampler]
+        scheduler = self._schedulers[self.resolve_sampler(sampler)]
         scheduler.set_timesteps(steps)  # on the CPU: the step's table lookups stay there
-        x = noise(shape, cond, generator)
+        x = noise(shape, cond, generator) if z is None else z
         for k in scheduler.timesteps:
             t = self.time_input(k.expand(shape[0]).to(cond.device))
             eps = model(x, t, t, cond)

@@ -15,13 +15,15 @@ from cm_policy.methods.base import Method, euler_sample, ordered_beta_times
 
 class Flow(Method):
     name = "flow"
+    loss_keys = ("loss_fm",)
+    samplers = ("euler",)
+    eval_samplers = ("1", "4", "16")
 
-    def __init__(self, beta_a: float = 0.8, beta_b: float = 1.0, default_steps: int = 16):
+    def __init__(
+        self, *, beta_a: float, beta_b: float, default_steps: int, sampler: str | None = None
+    ):
+        super().__init__(default_steps=default_steps, sampler=sampler)
         self.beta_a, self.beta_b = beta_a, beta_b
-        self.default_steps = default_steps
-
-    def config(self) -> dict:
-        return {"beta_a": self.beta_a, "beta_b": self.beta_b, "default_steps": self.default_steps}
 
     def loss(
         self, model: nn.Module, actions: torch.Tensor, cond: torch.Tensor
@@ -40,5 +42,8 @@ class Flow(Method):
         shape: tuple[int, ...],
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return euler_sample(model, cond, shape, self.resolve_steps(steps), generator, jump=False)
+        self.resolve_sampler(sampler)
+        return euler_sample(model, cond, shape, self.resolve_steps(steps), generator, False, z)

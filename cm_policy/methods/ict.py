@@ -33,40 +33,31 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> tor
 
 class ICT(Method):
     name = "ict"
+    loss_keys = ("loss_ct",)
+    samplers = ("consistency",)  # one jump to the data, re-noised to each next level
+    eval_samplers = ("1", "2", "4")
 
     def __init__(
         self,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        rho: float = 7.0,
-        p_mean: float = -1.1,
-        p_std: float = 2.0,
-        s0: int = 10,
-        s1: int = 1280,
-        huber_scale: float = 0.00054,
-        default_steps: int = 1,
+        *,
+        sigma_min: float,
+        sigma_max: float,
+        sigma_data: float,
+        rho: float,
+        p_mean: float,
+        p_std: float,
+        s0: int,
+        s1: int,
+        huber_scale: float,
+        default_steps: int,
+        sampler: str | None = None,
     ):
+        super().__init__(default_steps=default_steps, sampler=sampler)
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
         self.rho, self.p_mean, self.p_std = rho, p_mean, p_std
         self.s0, self.s1 = s0, s1
         self.huber_scale = huber_scale
-        self.default_steps = default_steps
         self.step, self.total_steps = 0, 0
-
-    def config(self) -> dict:
-        return {
-            "sigma_min": self.sigma_min,
-            "sigma_max": self.sigma_max,
-            "sigma_data": self.sigma_data,
-            "rho": self.rho,
-            "p_mean": self.p_mean,
-            "p_std": self.p_std,
-            "s0": self.s0,
-            "s1": self.s1,
-            "huber_scale": self.huber_scale,
-            "default_steps": self.default_steps,
-        }
 
     def set_progress(self, step: int, total_steps: int) -> None:
         self.step, self.total_steps = step, total_steps
@@ -116,11 +107,15 @@ class ICT(Method):
         shape: tuple[int, ...],
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        self.resolve_sampler(sampler)
         steps = self.resolve_steps(steps)
         levels = karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, self.rho).flip(0)[:-1]
         x = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
-        for sigma in levels.tolist():
-            x = x + math.sqrt(sigma**2 - self.sigma_min**2) * noise(shape, cond, generator)
+        for k, sigma in enumerate(levels.tolist()):
+            draw = z if k == 0 and z is not None else noise(shape, cond, generator)
+            x = x + math.sqrt(sigma**2 - self.sigma_min**2) * draw
             x = self.consistency(model, x, torch.full((shape[0],), sigma, device=cond.device), cond)
         return x.clamp(-1.0, 1.0)

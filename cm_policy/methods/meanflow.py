@@ -22,32 +22,27 @@ from cm_policy.methods.base import Method, adaptive_weighted, euler_sample
 
 class MeanFlow(Method):
     name = "meanflow"
+    loss_keys = ("loss_mf",)
+    samplers = ("flowmap",)
+    eval_samplers = ("1", "2", "4")
 
     def __init__(
         self,
-        logit_mean: float = -0.4,
-        logit_std: float = 1.0,
-        ratio_neq: float = 0.25,
-        adaptive_c: float = 1e-3,
-        adaptive_p: float = 1.0,
-        default_steps: int = 1,
+        *,
+        logit_mean: float,
+        logit_std: float,
+        ratio_neq: float,
+        adaptive_c: float,
+        adaptive_p: float,
+        default_steps: int,
+        sampler: str | None = None,
     ):
+        super().__init__(default_steps=default_steps, sampler=sampler)
         if not 0.0 <= ratio_neq <= 1.0:
             raise ValueError(f"ratio_neq must be in [0, 1], got {ratio_neq}")
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.ratio_neq = ratio_neq
         self.adaptive_c, self.adaptive_p = adaptive_c, adaptive_p
-        self.default_steps = default_steps
-
-    def config(self) -> dict:
-        return {
-            "logit_mean": self.logit_mean,
-            "logit_std": self.logit_std,
-            "ratio_neq": self.ratio_neq,
-            "adaptive_c": self.adaptive_c,
-            "adaptive_p": self.adaptive_p,
-            "default_steps": self.default_steps,
-        }
 
     def sample_times(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         u = torch.sigmoid(torch.randn(2, batch, device=device) * self.logit_std + self.logit_mean)
@@ -80,5 +75,8 @@ class MeanFlow(Method):
         shape: tuple[int, ...],
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return euler_sample(model, cond, shape, self.resolve_steps(steps), generator, jump=True)
+        self.resolve_sampler(sampler)
+        return euler_sample(model, cond, shape, self.resolve_steps(steps), generator, True, z)

@@ -32,12 +32,15 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
-def time_mlp(dim: int, max_period: float, zero_init: bool) -> nn.Sequential:
+TIME_COMBINE = ("concat", "sum")
+
+
+def time_mlp(dim: int, max_period: float, zero_init: bool, hidden_mult: int = 4) -> nn.Sequential:
     mlp = nn.Sequential(
         SinusoidalEmbedding(dim, max_period),
-        nn.Linear(dim, dim * 4),
+        nn.Linear(dim, dim * hidden_mult),
         nn.Mish(),
-        nn.Linear(dim * 4, dim),
+        nn.Linear(dim * hidden_mult, dim),
     )
     if zero_init:
         nn.init.zeros_(mlp[-1].weight)
@@ -75,7 +78,9 @@ class ConditionalUnet1D(nn.Module):
     """U-Net over (B, horizon, action_dim) chunks; ``forward(x, t, s, cond)``.
 
     ``cond`` is the observation feature (B, cond_dim) from an observation encoder. The FiLM
-    condition is the concatenation of the t embedding, the s embedding and ``cond``.
+    condition is the t and s embeddings, concatenated (``time_combine="concat"``) or summed
+    (``"sum"``, a smaller FiLM input), followed by ``cond``. ``time_hidden_mult`` sets the width
+    of each time MLP's hidden layer as a multiple of ``time_embed_dim``.
     """
 
     def __init__(
@@ -87,11 +92,17 @@ class ConditionalUnet1D(nn.Module):
         n_groups: int = 8,
         time_embed_dim: int = 128,
         time_max_period: float = 10000.0,
+        time_combine: str = "concat",
+        time_hidden_mult: int = 4,
     ):
         super().__init__()
-        self.t_embed = time_mlp(time_embed_dim, time_max_period, zero_init=False)
-        self.s_embed = time_mlp(time_embed_dim, time_max_period, zero_init=True)
-        film_dim = 2 * time_embed_dim + cond_dim
+        if time_combine not in TIME_COMBINE:
+            raise ValueError(f"time_combine must be one of {TIME_COMBINE}, got {time_combine!r}")
+        self.time_combine = time_combine
+        self.t_embed = time_mlp(time_embed_dim, time_max_period, False, time_hidden_mult)
+        self.s_embed = time_mlp(time_embed_dim, time_max_period, True, time_hidden_mult)
+        n_time = 2 if time_combine == "concat" else 1
+        film_dim = n_time * time_embed_dim + cond_dim
         dims = [action_dim, *down_dims]
         levels = list(itertools.pairwise(dims))
 
@@ -118,9 +129,9 @@ class ConditionalUnet1D(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor
     ) -> torch.Tensor:
         batch = x.shape[0]
-        film = torch.cat(
-            [self.t_embed(t.expand(batch)), self.s_embed(s.expand(batch)), cond], dim=-1
-        )
+        t_emb, s_emb = self.t_embed(t.expand(batch)), self.s_embed(s.expand(batch))
+        times = [t_emb, s_emb] if self.time_combine == "concat" else [t_emb + s_emb]
+        film = torch.cat([*times, cond], dim=-1)
         h = x.transpose(1, 2)
         skips = []
         for res1, res2, downsample in self.down:

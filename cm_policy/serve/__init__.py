@@ -1,7 +1,8 @@
 """Serve a checkpoint as an action server: WebSocket transport, msgpack messages, no pickle.
 
 Start it with ``cm-policy serve checkpoint=PATH [host=127.0.0.1 port=8765 max_batch=64
-batch_wait_ms=2 threads=1 max_steps=100 max_message_mb=16 weights=ema]``. The server loads the
+batch_wait_ms=2 threads=1 max_infer_steps=100 max_message_mb=16 weights=ema]``
+(defaults: ``config/serve/default.yaml``). The server loads the
 checkpoint (safetensors + JSON), listens, warms up, then answers; ``GET /healthz`` on the same
 port returns 200 ``ok`` once it is ready and 503 while warming up or shutting down. SIGTERM (or
 Ctrl-C) stops new work, lets in-flight requests reply, closes the sessions and exits with 0.
@@ -11,18 +12,25 @@ Protocol (version 1). Every message is a binary msgpack map with a ``type``; arr
 
 - ``hello`` [``protocol``] -> ``metadata``: ``observations`` {key: {shape, dtype}}, ``action_dim``,
   ``horizon``, ``n_obs_steps``, ``n_action_steps``, ``control_hz``, ``method``,
-  ``default_steps``, ``max_steps``, ``max_batch``, ``max_message_bytes``, ``infer_modes``.
+  ``default_steps``, ``samplers``, ``default_sampler``, ``max_infer_steps``, ``max_batch``,
+  ``max_message_bytes``, ``obs_limit``, ``infer_modes``.
 - ``reset`` -> starts an episode of this session: its window is emptied, and the next observation
   fills all ``n_obs_steps`` slots (as Diffusion Policy's runner does at env reset).
 - ``observe`` ``obs`` -> pushes one observation per key, (B, *shape) or unbatched (*shape).
-- ``infer`` ``obs`` [``mode`` ``steps`` ``seed``] -> ``action`` (B, n_action_steps, action_dim),
-  or (n_action_steps, action_dim) for an unbatched observation, and ``timing`` (``queue_ms``,
-  ``compute_ms``, ``server_ms``, ``batch_rows``, ``batch_requests``). ``mode="step"`` (default)
-  pushes ``obs`` as ``observe`` does and infers from the session's window; ``mode="window"``
-  takes ``obs`` as the window itself, (B, >=n_obs_steps, *shape), and leaves the session's window
-  alone. ``steps`` overrides the method's number of network evaluations; ``seed`` draws the noise
-  from ``torch.Generator().manual_seed(seed)``, for actions equal to the in-process policy's.
-- ``health`` -> ``ready``, ``sessions``, ``in_flight``, ``requests``, ``passes``.
+- ``infer`` ``obs`` [``mode`` ``steps`` ``sampler`` ``seed``] -> ``action``
+  (B, n_action_steps, action_dim), or (n_action_steps, action_dim) for an unbatched
+  observation, and ``timing`` (``queue_ms``, ``compute_ms``, ``server_ms``, ``batch_rows``,
+  ``batch_requests``). ``mode="step"`` (default) pushes ``obs`` as ``observe`` does and infers
+  from the session's window; ``mode="window"`` takes ``obs`` as the window itself,
+  (B, >=n_obs_steps, *shape), and leaves the session's window alone. ``steps`` and ``sampler``
+  override the method's number of network evaluations and sampler kind (one of the metadata's
+  ``samplers``); ``seed`` draws the noise from ``torch.Generator().manual_seed(seed)``, for
+  actions equal to the in-process policy's.
+- ``health`` -> ``ready``, ``sessions``, ``in_flight``, ``requests``, ``passes``, ``refused``.
+
+Actions are never sent unless finite: a request whose rows give NaN or inf actions, or whose
+observations lie beyond ``obs_limit`` half-ranges of the training data (``serve.obs_limit``, off by
+default), gets an error reply saying why, counted in ``health``'s ``refused``.
 
 Order: ``health`` at any time; ``hello`` before anything else; ``reset`` before the first
 step-mode ``observe``/``infer`` of an episode (window mode needs no reset). The batch size (or

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cm_policy.policy import ActionRefused
+
 Predict = Callable[..., np.ndarray]
 _STOP = object()
 
@@ -51,6 +53,7 @@ class InferRequest:
     received: float
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    sampler: str | None = None
 
     @property
     def rows(self) -> int:
@@ -70,7 +73,8 @@ def _settle(future: asyncio.Future, outcome: InferResult | BaseException) -> Non
 
 
 class MicroBatcher:
-    """Runs ``predict(window, steps=, generator=)`` on a worker thread over queued requests."""
+    """Runs ``predict(window, steps=, generator=, sampler=)`` on a worker thread over queued
+    requests."""
 
     def __init__(
         self,
@@ -90,6 +94,7 @@ class MicroBatcher:
         self.active_sessions = active_sessions
         self.requests = 0
         self.passes = 0
+        self.refused = 0  # requests refused: out-of-range observations or non-finite actions
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
 
@@ -130,35 +135,53 @@ class MicroBatcher:
             self._run(batch)
 
     def _run(self, batch: list[InferRequest]) -> None:
-        shared: dict[int | None, list[InferRequest]] = {}
+        shared: dict[tuple[int | None, str | None], list[InferRequest]] = {}
         for request in batch:
             if request.future.cancelled():
                 continue
+            setting = (request.steps, request.sampler)
             if request.seed is None:
-                shared.setdefault(request.steps, []).append(request)
+                shared.setdefault(setting, []).append(request)
             else:
                 generator = torch.Generator().manual_seed(request.seed)
-                self._forward([request], request.steps, generator)
-        for steps, requests in shared.items():
-            self._forward(requests, steps, None)
+                self._forward([request], setting, generator)
+        for setting, requests in shared.items():
+            self._forward(requests, setting, None)
 
     def _forward(
-        self, requests: list[InferRequest], steps: int | None, generator: torch.Generator | None
+        self,
+        requests: list[InferRequest],
+        setting: tuple[int | None, str | None],
+        generator: torch.Generator | None,
     ) -> None:
+        steps, sampler = setting
         started = time.perf_counter()
         try:
             action = self.predict(
-                _concat([r.window for r in requests]), steps=steps, generator=generator
+                _concat([r.window for r in requests]),
+                steps=steps,
+                generator=generator,
+                sampler=sampler,
             )
+        except ActionRefused as exc:  # refuse the requests with a bad row, answer the others
+            action, reasons = exc.actions, exc.reasons
         except Exception as exc:  # a failed pass fails its requests, never the worker
             for request in requests:
                 request.settle(InferenceError(f"inference failed: {exc}"))
             return
+        else:
+            reasons = [None] * len(action)
         compute_ms = (time.perf_counter() - started) * 1e3
         self.requests += len(requests)
         self.passes += 1
         offset = 0
         for request in requests:
+            refused = [r for r in reasons[offset : offset + request.rows] if r]
+            if refused:
+                self.refused += 1
+                request.settle(InferenceError(f"actions refused: {refused[0]}"))
+                offset += request.rows
+                continue
             request.settle(
                 InferResult(
                     action=action[offset : offset + request.rows],

@@ -66,11 +66,15 @@ class PolicyClient:
         self.horizon: int = self.metadata["horizon"]
 
     def predict_action(
-        self, obs: Mapping[str, Any], steps: int | None = None, seed: int | None = None
+        self,
+        obs: Mapping[str, Any],
+        steps: int | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
         """Actions (B, n_action_steps, action_dim) for raw observations (B, >=n_obs_steps, ...)."""
         window = {k: np.asarray(v)[:, -self.n_obs_steps :] for k, v in obs.items()}
-        return self._infer("window", window, steps, seed)
+        return self._infer("window", window, steps, seed, sampler)
 
     def reset(self) -> None:
         """Start an episode: the next observation fills the server's window."""
@@ -81,10 +85,14 @@ class PolicyClient:
         self._call({"type": "observe", "obs": self._cast(obs)})
 
     def act(
-        self, obs: Mapping[str, Any], steps: int | None = None, seed: int | None = None
+        self,
+        obs: Mapping[str, Any],
+        steps: int | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
         """Push one observation and get (B, n_action_steps, D), or (n_action_steps, D)."""
-        return self._infer("step", obs, steps, seed)
+        return self._infer("step", obs, steps, seed, sampler)
 
     def health(self) -> dict[str, Any]:
         return self._call({"type": "health"})
@@ -99,11 +107,18 @@ class PolicyClient:
         self.close()
 
     def _infer(
-        self, mode: str, obs: Mapping[str, Any], steps: int | None, seed: int | None
+        self,
+        mode: str,
+        obs: Mapping[str, Any],
+        steps: int | None,
+        seed: int | None,
+        sampler: str | None = None,
     ) -> np.ndarray:
         message: dict[str, Any] = {"type": "infer", "mode": mode, "obs": self._cast(obs)}
         if steps is not None:
             message["steps"] = int(steps)
+        if sampler is not None:
+            message["sampler"] = str(sampler)
         if seed is None and self.next_seed is not None:
             seed, self.next_seed = self.next_seed, self.next_seed + 1
         if seed is not None:

@@ -43,7 +43,7 @@ REQUEST_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "health": (frozenset({"type"}), frozenset()),
     "reset": (frozenset({"type"}), frozenset()),
     "observe": (frozenset({"type", "obs"}), frozenset()),
-    "infer": (frozenset({"type", "obs"}), frozenset({"mode", "steps", "seed"})),
+    "infer": (frozenset({"type", "obs"}), frozenset({"mode", "steps", "sampler", "seed"})),
 }
 INFER_MODES = ("window", "step")
 

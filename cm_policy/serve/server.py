@@ -23,7 +23,6 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from cm_policy.envs.pusht import CONTROL_HZ as PUSHT_CONTROL_HZ
 from cm_policy.evaluation.runner import push_obs, stack_obs
 from cm_policy.policy import Policy
 from cm_policy.serve.batching import InferenceError, InferRequest, InferResult, MicroBatcher
@@ -39,6 +38,7 @@ from cm_policy.serve.protocol import (
     pack,
     unpack,
 )
+from cm_policy.tasks import load_task
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BATCH = 64
 DEFAULT_BATCH_WAIT_MS = 2.0
-DEFAULT_MAX_STEPS = 100
+DEFAULT_MAX_INFER_STEPS = 100
 HEALTH_PATH = "/healthz"
 # Messages up to this multiple of max_message_bytes are read and answered with an error; larger
 # ones are cut off by websockets, which closes the connection with code 1009 (message too big).
@@ -55,7 +55,6 @@ TRANSPORT_SIZE_FACTOR = 2
 ACTIVE_SESSION_S = 1.0
 WARMUP_PASSES = 3
 SHUTDOWN_GRACE_S = 30.0
-CONTROL_HZ = {"pusht": PUSHT_CONTROL_HZ}
 LOW_DIM_DTYPE, IMAGE_DTYPE = "float32", "uint8"
 MAX_SEED = 2**63 - 1
 DEFAULT_INFER_MODE = "step"
@@ -92,12 +91,14 @@ class PolicyServer:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
-        max_steps: int = DEFAULT_MAX_STEPS,
+        max_infer_steps: int = DEFAULT_MAX_INFER_STEPS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        obs_limit: float | None = None,
     ):
         self.policy = policy.eval()
+        policy.set_obs_limit(obs_limit)
         self.max_batch = max_batch
-        self.max_steps = max_steps
+        self.max_infer_steps = max_infer_steps
         self.max_message_bytes = max_message_bytes
         task = policy.spec["task"]
         self.obs_spec: dict[str, tuple[tuple[int, ...], str]] = {
@@ -117,12 +118,15 @@ class PolicyServer:
             "horizon": policy.horizon,
             "n_obs_steps": policy.n_obs_steps,
             "n_action_steps": policy.n_action_steps,
-            "control_hz": CONTROL_HZ.get(task.get("env")),
+            "control_hz": load_task(task).control_hz,
             "method": policy.method.name,
             "default_steps": policy.method.default_steps,
-            "max_steps": max_steps,
+            "samplers": list(policy.method.samplers),
+            "default_sampler": policy.method.default_sampler,
+            "max_infer_steps": max_infer_steps,
             "max_batch": max_batch,
             "max_message_bytes": max_message_bytes,
+            "obs_limit": obs_limit,
             "infer_modes": list(INFER_MODES),
         }
         self.batcher = MicroBatcher(
@@ -259,6 +263,7 @@ class PolicyServer:
             "in_flight": len(self.pending),
             "requests": self.batcher.requests,
             "passes": self.batcher.passes,
+            "refused": self.batcher.refused,
         }
 
     def _hello(self, session: Session, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,8 +307,13 @@ class PolicyServer:
         mode = message.get("mode", DEFAULT_INFER_MODE)
         if mode not in INFER_MODES:
             raise ProtocolError("unknown infer mode", expected=list(INFER_MODES), got=repr(mode))
-        steps = _optional_int(message, "steps", 1, self.max_steps)
+        steps = _optional_int(message, "steps", 1, self.max_infer_steps)
         seed = _optional_int(message, "seed", 0, MAX_SEED)
+        sampler = message.get("sampler")
+        if sampler is not None and sampler not in self.policy.method.samplers:
+            raise ProtocolError(
+                "unknown sampler", expected=list(self.policy.method.samplers), got=repr(sampler)
+            )
         if mode == "step":
             self._observe(session, message["obs"])
             assert session.history is not None
@@ -319,7 +329,7 @@ class PolicyServer:
         session.last_request = received
         self.pending.add(future)
         try:
-            self.batcher.submit(InferRequest(window, steps, seed, received, future, loop))
+            self.batcher.submit(InferRequest(window, steps, seed, received, future, loop, sampler))
             await asyncio.wait({future, closed}, return_when=asyncio.FIRST_COMPLETED)
             if not future.done():
                 future.cancel()

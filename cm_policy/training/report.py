@@ -25,7 +25,7 @@ def write_report(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any]) -> Pat
         f"- Dataset: `{cfg.task.dataset_path}`",
         f"- Training: {cfg.training.steps} steps at batch {cfg.training.batch_size}, "
         f"model {list(cfg.model.down_dims)}, seed {cfg.seed}, wall time {wall / 60:.1f} min",
-        f"- Machine: {describe_machine()}, {torch.get_num_threads()} torch threads, no GPU",
+        f"- Machine: {describe_machine()}, {torch.get_num_threads()} torch threads",
         "",
         f"## Closed-loop evaluation (EMA weights, {metrics['steps']} network step(s) per chunk)",
         "",

@@ -1,14 +1,15 @@
-"""Method comparison: same network, data, batch, optimiser and steps for every method.
+"""The method comparison: same network, data, batch, optimiser and steps for every method.
 
 For each selected method and training seed the harness trains a policy with the package's trainer
 (every step logged, so gradient-norm statistics are exact), then evaluates it closed-loop at the
-method's numbers of steps on shared test seeds, measures its latency per action chunk, and checks
-for degenerate solutions (how much the sampled chunks vary across noise draws for one observation).
-A second view compares methods at equal training wall time: each method's latest checkpoint that
-fits within the fastest method's wall time is evaluated too.
+method's evaluated sampler settings on shared test seeds, measures its latency per action chunk,
+and checks for degenerate solutions (how much the sampled chunks vary across noise draws for one
+observation). A second view compares methods at equal training wall time: each method's latest
+checkpoint that fits within the fastest method's wall time is evaluated too.
 
 Everything is resumable: a finished training run, evaluation or measurement is read back, not
 redone. ``eval/compare.py`` is the command line; :func:`write_report` writes the markdown and PNGs.
+The methods, their sampler settings and logged loss terms come from the method registry.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,28 +25,51 @@ from typing import Any
 import numpy as np
 import torch
 
+from cm_policy.configs import compose
 from cm_policy.evaluation.machine import describe_machine
-from cm_policy.evaluation.runner import wilson_interval
+from cm_policy.evaluation.measure import (
+    RUN_OVERHEAD,
+    cached,
+    checkpoint_walls,
+    chunk_latency_ms,
+    chunk_spread,
+    evaluate_entry,
+    grad_stats,
+    pooled,
+    read_log,
+    step_costs,
+    train_run,
+)
+from cm_policy.methods import METHODS, make_method
+from cm_policy.tasks import load_task
 
-# Method label -> (config overrides, evaluated samplers). A sampler is "N" (N network evaluations
-# of the method's own sampler) or "ddpm:N" / "ddim:N" for the diffusion baseline.
-METHODS: dict[str, tuple[list[str], list[str]]] = {
-    "isd": (["method=isd"], ["1", "2", "4"]),
-    "ddpm": (["method=ddpm"], ["ddpm:100", "ddim:10", "ddim:1"]),
-    "flow": (["method=flow"], ["1", "4", "16"]),
-    "meanflow": (["method=meanflow"], ["1", "2", "4"]),
-    "meanflow_noadapt": (["method=meanflow", "method.adaptive_p=0"], ["1", "2", "4"]),
-    "ict": (["method=ict"], ["1", "2", "4"]),
+# Compared entries that are a registered method with other settings: label -> (method, overrides).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "meanflow_noadapt": ("meanflow", ["method.adaptive_p=0"]),
 }
-# The setting each method is known by; it is the one evaluated in the equal-wall-time view.
-HEADLINE = {
-    "isd": "1",
-    "ddpm": "ddpm:100",
-    "flow": "16",
-    "meanflow": "1",
-    "meanflow_noadapt": "1",
-    "ict": "1",
-}
+
+
+def method_of(label: str) -> str:
+    """The registered method behind a compared entry."""
+    name = VARIANTS.get(label, (label, []))[0]
+    if name not in METHODS:
+        raise ValueError(
+            f"unknown method {label!r}; expected one of {sorted([*METHODS, *VARIANTS])}"
+        )
+    return name
+
+
+def method_overrides(label: str) -> list[str]:
+    return [f"method={method_of(label)}", *VARIANTS.get(label, (label, []))[1]]
+
+
+def headline(label: str) -> str:
+    """The sampler setting the entry's method is known by (its config's default)."""
+    return make_method(method_of(label)).headline
+
+
+def all_entries() -> list[str]:
+    return [*METHODS, *VARIANTS]
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,8 @@ class Budget:
     samplers: dict[str, list[str]] | None = None
 
     def samplers_of(self, method: str) -> list[str]:
-        return list((self.samplers or {}).get(method, METHODS[method][1]))
+        default = METHODS[method_of(method)].eval_samplers
+        return list((self.samplers or {}).get(method, default))
 
 
 BUDGETS = {
@@ -158,44 +182,24 @@ BUDGETS = {
 }
 
 TEST_START = 100000
-# A training run's step costs more than step_costs' bare steps (batches drawn on the fly, EMA
-# update, a log line every step, checkpoints): the factor --train-seconds plans with.
-RUN_OVERHEAD = 1.3
-SUCCESS_RULE = {
-    "pusht": "coverage > 0.95 at some step",
-    "robomimic": "the task's own success check (its sparse reward, so mean_score = success)",
-}
-
-
-def parse_sampler(sampler: str) -> tuple[str | None, int]:
-    kind, _, n = sampler.rpartition(":")
-    return (kind or None), int(n)
 
 
 def sampler_label(method: str, sampler: str) -> str:
-    kind, n = parse_sampler(sampler)
+    kind, _, n = sampler.rpartition(":")
     return f"{kind}-{n}" if kind else f"{method}-{n}"
 
 
-def apply_sampler(policy: Any, sampler: str) -> int:
-    """Set the policy's sampler kind (ddpm/ddim) if the label names one; return the steps."""
-    kind, n = parse_sampler(sampler)
-    if kind is not None:
-        if not hasattr(policy.method, "sampler"):
-            raise ValueError(f"{sampler!r} names a sampler but {policy.method.name} has none")
-        policy.method.sampler = kind
-    return n
+def n_evals(sampler: str) -> int:
+    return int(sampler.rpartition(":")[2])
 
 
 def training_config(
     task: str, method: str, budget: Budget, seed: int, dataset: str | None, run_dir: Path
-):
-    from cm_policy.cli import compose
-
+) -> Any:
     b = budget
     overrides = [
         f"task={task}",
-        *METHODS[method][0],
+        *method_overrides(method),
         f"model={b.model}",
         *b.overrides,
         f"seed={seed}",
@@ -216,95 +220,6 @@ def training_config(
     return compose("config", overrides)
 
 
-def read_log(run_dir: Path) -> list[dict]:
-    path = run_dir / "train_log.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def train_run(cfg, run_dir: Path) -> None:
-    """Train, or continue an interrupted run from its latest checkpoint."""
-    from omegaconf import OmegaConf
-
-    from cm_policy.training.trainer import train
-
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.exists():
-        done = int(latest.read_text().strip().split("_")[1])
-        if done >= cfg.training.steps:
-            return
-        cfg = OmegaConf.merge(cfg, {"resume": str(run_dir)})
-    train(cfg)
-
-
-def grad_stats(log: Sequence[dict]) -> dict[str, float]:
-    norms = np.array([r["grad_norm"] for r in log], dtype=float)
-    finite = norms[np.isfinite(norms)]
-    return {
-        "grad_median": float(np.median(finite)) if finite.size else math.nan,
-        "grad_p99": float(np.percentile(finite, 99)) if finite.size else math.nan,
-        "grad_max": float(finite.max()) if finite.size else math.nan,
-        "nonfinite_steps": int((~np.isfinite(norms)).sum()),
-        "wall_s": float(log[-1]["wall_s"]) if log else math.nan,
-    }
-
-
-def checkpoint_walls(run_dir: Path, log: Sequence[dict]) -> dict[int, float]:
-    """Training wall time at each kept checkpoint."""
-    wall = {r["step"]: r["wall_s"] for r in log}
-    steps = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
-    return {s: wall[s] for s in sorted(steps) if s in wall}
-
-
-def step_costs(cfgs: dict[str, Any], rounds: int = 3, steps: int = 4) -> dict[str, float]:
-    """Seconds per training step of each method's config, measured side by side.
-
-    The methods take turns (``rounds`` times ``steps`` timed steps each, after a warm-up), so a
-    slow spell of a shared machine hits them alike; the median per method is returned. The
-    equal-wall-time view uses these, not the long runs' wall clocks, which another process on
-    the machine can stretch.
-    """
-    from cm_policy.policy import Policy
-    from cm_policy.training.distributed import resolve_device
-    from cm_policy.training.trainer import TrainingData, fit_normalizer, policy_spec
-
-    first = next(iter(cfgs.values()))
-    torch.set_num_threads(int(first.training.num_threads))
-    device = resolve_device(str(first.training.device))
-    data = TrainingData(first)
-    normalizer = fit_normalizer(first, data)
-    rng = np.random.default_rng(0)
-    setups = {}
-    for name, cfg in cfgs.items():
-        torch.manual_seed(0)
-        policy = Policy(policy_spec(cfg), normalizer).to(device)
-        policy.method.set_progress(0, int(cfg.training.steps))
-        setups[name] = (policy, torch.optim.AdamW(policy.parameters(), lr=1e-4))
-    batch = int(first.training.batch_size)
-    times: dict[str, list[float]] = {name: [] for name in cfgs}
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for r in range(rounds + 1):
-        for name, (policy, optimizer) in setups.items():
-            batches = [
-                data.windows(data.draw(rng, batch), policy.n_obs_steps, device)
-                for _ in range(steps)
-            ]
-            sync()
-            started = time.perf_counter()
-            for obs, action in batches:
-                loss, _ = policy.compute_loss(obs, action)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            sync()
-            if r:  # round 0 warms up
-                times[name].append((time.perf_counter() - started) / steps)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def plan_steps(
     costs: dict[str, float], methods: Sequence[str], n_seeds: int, seconds: float
 ) -> int:
@@ -315,107 +230,6 @@ def plan_steps(
         raise ValueError(f"no step cost for {missing}; measured: {sorted(costs)}")
     per_step = RUN_OVERHEAD * sum(costs[m] for m in methods) * n_seeds
     return max(100, int(seconds / per_step) // 100 * 100)
-
-
-@torch.no_grad()
-def chunk_spread(policy: Any, cfg, sampler: str, n_obs: int = 64, n_draws: int = 16) -> dict:
-    """Degeneracy check: for fixed observations, how much do chunks vary across noise draws?
-
-    Returns, in normalised action units, the std across draws (mean over observations and chunk
-    elements) and the RMS error of the draws against the demonstrated chunk.
-    """
-    from cm_policy.training.trainer import TrainingData
-
-    data = TrainingData(cfg)
-    rows = data.draw(np.random.default_rng(12345), n_obs)
-    obs, action = data.windows(rows, policy.n_obs_steps, next(policy.parameters()).device)
-    steps = apply_sampler(policy, sampler)
-    gen = torch.Generator().manual_seed(0)
-    cond = policy.obs_encoder(policy.normalize_obs(obs))
-    cond = cond.repeat_interleave(n_draws, dim=0)
-    shape = (n_obs * n_draws, policy.horizon, policy.action_dim)
-    chunks = policy.method.sample(policy.net, cond, shape, steps=steps, generator=gen)
-    chunks = chunks.view(n_obs, n_draws, policy.horizon, policy.action_dim)
-    target = policy.normalizer.normalize("action", action).unsqueeze(1)
-    return {
-        "spread": float(chunks.std(dim=1).mean()),
-        "rmse_to_demo": float((chunks - target).pow(2).mean().sqrt()),
-    }
-
-
-@torch.no_grad()
-def chunk_latency_ms(policy: Any, sampler: str, repeats: int = 30) -> float:
-    """Median wall time of ``predict_action`` at batch 1 (after a warm-up)."""
-    steps = apply_sampler(policy, sampler)
-    rng = np.random.default_rng(0)
-    task = policy.spec["task"]
-    obs = {
-        k: rng.standard_normal((1, policy.n_obs_steps, d)).astype(np.float32)
-        for k, d in task.get("low_dim", {}).items()
-    }
-    for k in task.get("image_keys", []):
-        obs[k] = rng.random((1, policy.n_obs_steps, *task["image_shape"]), dtype=np.float32)
-    times = []
-    for i in range(repeats + 3):
-        started = time.perf_counter()
-        policy.predict_action(obs, steps=steps)
-        if i >= 3:
-            times.append(time.perf_counter() - started)
-    return 1000 * float(np.median(times))
-
-
-def evaluate_entry(
-    policy: Any,
-    sampler: str,
-    seeds: Sequence[int],
-    out: Path,
-    n_envs: int,
-    max_steps: int,
-    vector: str = "async",
-) -> dict:
-    import gymnasium as gym
-
-    from cm_policy.evaluation.runner import evaluate_policy
-    from cm_policy.tasks import env_factory
-
-    metrics_file = out / "metrics.json"
-    if metrics_file.exists():
-        return json.loads(metrics_file.read_text())
-    steps = apply_sampler(policy, sampler)
-    envs = None
-    if vector == "sync":
-        n = max(1, min(n_envs, len(seeds)))
-        # NEXT_STEP: the runner keeps stepping envs whose episode ended (and ignores them); a
-        # SyncVectorEnv with autoreset disabled refuses that.
-        envs = gym.vector.SyncVectorEnv(
-            [env_factory(policy.spec["task"])] * n,
-            autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
-        )
-    try:
-        return evaluate_policy(
-            policy,
-            seeds,
-            out,
-            steps=steps,
-            n_envs=n_envs,
-            n_videos=0,
-            max_steps=max_steps,
-            progress=False,
-            vector_env=envs,
-            extra={"sampler": sampler},
-        )
-    finally:
-        if envs is not None:
-            envs.close()
-
-
-def cached(path: Path, compute) -> Any:
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2))
-    return value
 
 
 def run_compare(
@@ -441,11 +255,10 @@ def run_compare(
     """
     from tqdm import tqdm
 
-    from cm_policy.training.checkpoint import load_policy
+    from cm_policy.checkpoint import load_policy
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; expected some of {sorted(METHODS)}")
+    for method in methods:
+        method_of(method)
     if budget_name not in BUDGETS:
         raise ValueError(f"unknown budget {budget_name!r}; expected one of {sorted(BUDGETS)}")
     budget = BUDGETS[budget_name]
@@ -459,6 +272,7 @@ def run_compare(
     n_envs = n_envs or budget.n_envs
     out = Path(out_dir)
     runs = {(m, s): out / f"{m}_s{s}" for s in seeds for m in methods}  # seed by seed
+    runs_first = next(iter(runs))
     if train_seconds:
         # As many steps as let every run train within train_seconds, by step costs measured
         # first (cached: a resumed comparison keeps its steps).
@@ -513,18 +327,18 @@ def run_compare(
             )
             entries[sampler] = {**metrics, **latency}
             bar.update()
-        headline = HEADLINE[method]
+        known_by = headline(method)
         degeneracy = cached(
             run_dir / "compare" / "spread.json",
-            lambda h=headline, p=policy, c=cfgs[method, seed]: chunk_spread(p, c, h),
+            lambda h=known_by, p=policy, c=cfgs[method, seed]: chunk_spread(p, c, h),
         )
         walls = checkpoint_walls(run_dir, logs[method, seed])
         affordable = wall_budget / costs[method]  # steps this method makes in the budget
         snap = max([s for s in walls if s <= affordable * 1.001] or [min(walls)])
-        if snap == budget.steps and headline in entries:  # the fastest method: already done
-            equal_wall = {k: v for k, v in entries[headline].items() if k != "latency_ms"}
+        if snap == budget.steps and known_by in entries:  # the fastest method: already done
+            equal_wall = {k: v for k, v in entries[known_by].items() if k != "latency_ms"}
         else:
-            wall_dir = run_dir / "compare" / f"wall_step{snap}_{headline.replace(':', '')}"
+            wall_dir = run_dir / "compare" / f"wall_step{snap}_{known_by.replace(':', '')}"
             if (wall_dir / "metrics.json").exists():  # done: the snapshot's weights not needed
                 equal_wall = json.loads((wall_dir / "metrics.json").read_text())
             else:
@@ -533,7 +347,7 @@ def run_compare(
                 )
                 equal_wall = evaluate_entry(
                     snap_policy,
-                    headline,
+                    known_by,
                     test_seeds,
                     wall_dir,
                     n_envs,
@@ -546,7 +360,7 @@ def run_compare(
             "seed": seed,
             "entries": entries,
             "train": grad_stats(logs[method, seed]),
-            "degeneracy": {"sampler": headline, **degeneracy},
+            "degeneracy": {"sampler": known_by, **degeneracy},
             "equal_wall": {"step": snap, "affordable_steps": affordable, **equal_wall},
         }
     bar.close()
@@ -562,7 +376,7 @@ def run_compare(
             "train_seconds": train_seconds,
             "step_costs_s": costs,
             "machine": describe_machine(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "success_rule": load_task(cfgs[runs_first].task).success_rule,
         }
     )
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -571,40 +385,6 @@ def run_compare(
 
 def fmt(value: float, digits: int = 3) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
-
-
-def pooled(entries: Sequence[dict]) -> dict:
-    """Pool per-seed evaluations (each with n episodes) into one mean and a 95% interval."""
-    n = sum(e["n_episodes"] for e in entries)
-    score = sum(e["mean_score"] * e["n_episodes"] for e in entries) / n
-    success = sum(e["success_rate"] * e["n_episodes"] for e in entries) / n
-    # Interval half-widths from the per-seed intervals, combined as independent estimates.
-    half = math.sqrt(
-        sum(
-            ((e["mean_score_ci95"][1] - e["mean_score_ci95"][0]) / 2 * e["n_episodes"] / n) ** 2
-            for e in entries
-        )
-    )
-    return {
-        "n": n,
-        "score": score,
-        "score_half": half,
-        "success": success,
-        "success_ci": tuple(float(v) for v in np.clip(wilson_interval(success, n), 0.0, 1.0)),
-        "score_seed_std": float(np.std([e["mean_score"] for e in entries], ddof=1))
-        if len(entries) > 1
-        else math.nan,
-        "success_seed_std": float(np.std([e["success_rate"] for e in entries], ddof=1))
-        if len(entries) > 1
-        else math.nan,
-    }
-
-
-LOSS_KEYS = ("loss_fm", "loss_sd", "loss_eps", "loss_mf", "loss_ct")
-
-
-def n_evals(sampler: str) -> int:
-    return parse_sampler(sampler)[1]
 
 
 def write_report(
@@ -628,9 +408,7 @@ def write_report(
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {results['machine']}"
-        + (f", GPU {results['cuda']}" if results.get("cuda") else ", no GPU")
-        + ".",
+        f"Machine: {results['machine']}.",
         "",
         f"Budget `{results['budget']}`, identical for every method: model `{b['model']}`"
         f"{' ' + ' '.join(b['overrides']) if b['overrides'] else ''}, {b['steps']} gradient "
@@ -640,13 +418,11 @@ def write_report(
         f"(from {TEST_START}), the same ones for every method, so each row pools "
         f"{b['episodes_per_seed'] * len(b['seeds'])} episodes. EMA weights, "
         f"{b['max_steps']} env steps per episode. mean_score = mean of each episode's max "
-        "reward; success = "
-        + SUCCESS_RULE.get(task.split("_")[0], "the task's own check")
-        + ". +- is the 95% interval of the pooled "
+        "reward; success = " + results["success_rule"] + ". +- is the 95% interval of the pooled "
         "mean_score, [a, b] the 95% Wilson interval of the pooled success rate; 'seed "
         "spread' is the standard deviation of the per-seed means. Latency: "
         "median `predict_action` time for one observation (batch 1, "
-        + ("on the GPU)." if results.get("cuda") else "1 torch thread)."),
+        + ("on the GPU)." if "GPU" in results["machine"] else "1 torch thread)."),
         "",
         *(
             [
@@ -704,7 +480,7 @@ def write_report(
         p = pooled([r["equal_wall"] for r in rs])
         reached = ", ".join(str(r["equal_wall"]["step"]) for r in rs)
         lines.append(
-            f"| {m} | {sampler_label(m, HEADLINE[m])} | {reached} | "
+            f"| {m} | {sampler_label(m, headline(m))} | {reached} | "
             f"{p['score']:.3f} +- {p['score_half']:.3f} | {p['success']:.3f} |"
         )
     lines += [
@@ -755,7 +531,8 @@ def write_report(
             g = np.array([x["grad_norm"] for x in log], dtype=float)
             label = m if r["seed"] == b["seeds"][0] else None
             ax.plot(steps, g, color=colors[m], alpha=0.5, lw=0.6, label=label)
-            for key, style in zip(LOSS_KEYS, ("-", "--", "-", "-", "-"), strict=True):
+            loss_keys = METHODS[method_of(m)].loss_keys
+            for key, style in zip(loss_keys, ("-", "--", ":"), strict=False):
                 if key in log[0]:
                     v = np.array([x[key] for x in log], dtype=float)
                     k = min(25, len(v))

@@ -1,5 +1,10 @@
 """Checkpoints: safetensors weights + JSON/YAML state, written atomically, loaded without pickle.
 
+Everything that reads or writes a checkpoint is here: saving (training state included), finding
+a checkpoint from a run folder, rebuilding its policy, and the split of a weights file into
+network and normaliser tensors. It depends on the policy, never on the training code, so loading
+a policy for inference imports no training module.
+
 A checkpoint is a folder ``<run>/checkpoints/step_XXXXXXX`` holding
 
 - ``policy.json``: the policy spec (task shapes, horizon, model, method) that rebuilds the policy;
@@ -24,9 +29,36 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cm_policy.data.normalizer import LinearNormalizer
+from cm_policy.device import resolve_device
 from cm_policy.policy import Policy
 
 REQUIRED_FILES = ("policy.json", "ema.safetensors", "model.safetensors")
+NORMALIZER = "normalizer."  # the prefix of the normaliser's tensors in a weights file
+
+
+def policy_weights(policy: Policy) -> dict[str, torch.Tensor]:
+    """A policy's network and normaliser tensors, flat, for safetensors."""
+    out = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+    out.update({f"{NORMALIZER}{k}": v for k, v in policy.normalizer.state_dict().items()})
+    return out
+
+
+def split_weights(
+    weights: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], LinearNormalizer]:
+    """A weights file's network tensors and its normaliser."""
+    network = {k: v for k, v in weights.items() if not k.startswith(NORMALIZER)}
+    norm = {k[len(NORMALIZER) :]: v for k, v in weights.items() if k.startswith(NORMALIZER)}
+    return network, LinearNormalizer.from_state_dict(norm)
+
+
+def policy_from_weights(spec: dict[str, Any], weights: dict[str, torch.Tensor]) -> Policy:
+    """The policy of ``spec`` with ``weights`` (network and normaliser), in eval mode."""
+    network, normalizer = split_weights(weights)
+    policy = Policy(spec, normalizer)
+    policy.load_state_dict(network)
+    return policy.eval()
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -75,8 +107,8 @@ def save_checkpoint(
     tmp.mkdir()
     (tmp / "policy.json").write_text(json.dumps(policy.spec, indent=2))
     (tmp / "config.yaml").write_text(config_yaml)
-    save_file(policy.weights(), tmp / "model.safetensors")
-    save_file(ema_policy.weights(), tmp / "ema.safetensors")
+    save_file(policy_weights(policy), tmp / "model.safetensors")
+    save_file(policy_weights(ema_policy), tmp / "ema.safetensors")
     opt_tensors, opt_meta = optimizer_to_safetensors(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng = {"torch": torch.get_rng_state()}
@@ -142,14 +174,12 @@ def load_policy(path: str | Path, weights: str = "ema", device: str = "cpu") -> 
 
     ``device``: cpu, cuda[:index] or auto (cuda when this torch sees a GPU, else cpu).
     """
-    from cm_policy.training.distributed import resolve_device
-
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     where = resolve_device(device, key="device")
     folder = resolve_checkpoint(path, weights)
     spec = json.loads((folder / "policy.json").read_text())
-    return Policy.from_weights(spec, load_file(folder / f"{weights}.safetensors")).to(where)
+    return policy_from_weights(spec, load_file(folder / f"{weights}.safetensors")).to(where)
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:

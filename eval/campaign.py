@@ -1,0 +1,403 @@
+"""Campaigns: long comparisons at equal training compute, resumable at any moment.
+
+    python eval/campaign.py eval/plans/pusht_recipe.yaml [--jobs 2] [--root DIR] [--report-only]
+
+A plan (YAML) lists runs (a name, a method, training seeds, config overrides, sampler settings)
+that share a task, a dataset, common overrides and a list of marks in minutes of one-thread
+training compute. Each invocation:
+
+1. measures every run's step cost side by side (``step_costs``: one process, one thread, the
+   runs taking turns; cached in the results folder), so a mark of M minutes is the step
+   ``M * 60 / cost`` of each run, rounded to the checkpoint grain: pauses, other jobs and machine
+   noise do not move the x-axis;
+2. works through the unfinished (run, seed) pairs in ``--jobs`` worker processes, one torch
+   thread each (two on 2 cores; evaluation envs run in the same process): train to the next mark
+   (``cm-policy train ... training.stop_after=STEP``, resuming from the latest checkpoint),
+   evaluate that checkpoint's EMA weights with every sampler setting on the run seed's test
+   episodes, cache the metrics, go on; the noise diagnostic (zero and mean-of-K initial noise)
+   and the latency per chunk at the last mark;
+3. rewrites the report (``<results>/<name>.md`` + PNG) from whatever is finished.
+
+Training state lives under ``--root`` (default ``runs/<name>``, git-ignored; weights are never
+committed); the evaluations live in ``<results>/cache/*.json``, small files meant to be committed,
+so a campaign whose run folders are lost still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+GRAIN_DEFAULT = 50  # checkpoint every this many steps; marks round to it
+
+
+@dataclass
+class RunSpec:
+    name: str
+    method: str
+    seeds: list[int]
+    overrides: list[str] = field(default_factory=list)
+    samplers: list[str] = field(default_factory=list)  # default: the method's eval_samplers
+
+
+@dataclass
+class Plan:
+    name: str
+    task: str
+    dataset: str | None
+    common: list[str]
+    marks_min: list[float]
+    runs: list[RunSpec]
+    results: Path
+    episodes_per_seed: int = 250
+    test_start: int = 100000
+    n_envs: int = 50
+    grain: int = GRAIN_DEFAULT
+    noise_draws: int = 4  # K of the mean-of-K noise diagnostic
+    notes: str = ""
+
+    def seed_index(self, seed: int) -> int:
+        """Training seed k evaluates on the k-th block of test episodes."""
+        return sorted({s for r in self.runs for s in r.seeds}).index(seed)
+
+    @staticmethod
+    def load(path: Path) -> Plan:
+        raw = yaml.safe_load(path.read_text())
+        expected = {f for f in Plan.__dataclass_fields__}
+        unknown = sorted(set(raw) - expected)
+        if unknown:
+            raise SystemExit(f"{path}: unknown plan keys {unknown}; expected some of {expected}")
+        runs = [RunSpec(**r) for r in raw.pop("runs")]
+        names = [r.name for r in runs]
+        if len(set(names)) != len(names):
+            raise SystemExit(f"{path}: run names must be unique, got {names}")
+        raw["results"] = REPO / raw.get("results", f"eval/results/{raw['name']}")
+        raw["marks_min"] = sorted(float(m) for m in raw["marks_min"])
+        return Plan(runs=runs, **raw)
+
+
+def run_overrides(plan: Plan, run: RunSpec, seed: int, run_dir: Path) -> list[str]:
+    # A relative dataset path is relative to the repository, wherever the campaign runs from.
+    dataset = [f"task.dataset_path={(REPO / plan.dataset).resolve()}"] if plan.dataset else []
+    return [
+        f"task={plan.task}",
+        f"method={run.method}",
+        *dataset,
+        *plan.common,
+        *run.overrides,
+        f"seed={seed}",
+        f"output_dir={run_dir}",
+        "training.num_threads=1",
+        f"training.checkpoint_every={plan.grain}",
+        "training.keep_checkpoints=0",
+        "training.eval_every=0",
+    ]
+
+
+def measured_costs(plan: Plan, root: Path) -> dict[str, float]:
+    """Seconds per training step of each run's config, one thread, side by side (cached)."""
+    from cm_policy.configs import compose
+    from cm_policy.evaluation.measure import cached, step_costs
+
+    def measure() -> dict[str, float]:
+        cfgs = {
+            r.name: compose("config", run_overrides(plan, r, r.seeds[0], root / "probe"))
+            for r in plan.runs
+        }
+        return step_costs(cfgs)
+
+    costs = cached(plan.results / "step_costs.json", measure)
+    missing = [r.name for r in plan.runs if r.name not in costs]
+    if missing:  # a run added to the plan later: measure it beside the first measured run
+        raise SystemExit(
+            f"{plan.results / 'step_costs.json'} lacks {missing}; delete it to measure all runs "
+            "side by side again"
+        )
+    return costs
+
+
+def mark_steps(plan: Plan, cost: float) -> list[int]:
+    """The training step of each mark for a run of ``cost`` s/step, on the checkpoint grain."""
+    return [max(plan.grain, round(m * 60 / cost / plan.grain) * plan.grain) for m in plan.marks_min]
+
+
+def samplers_of(run: RunSpec) -> list[str]:
+    from cm_policy.methods import METHODS
+
+    return run.samplers or list(METHODS[run.method].eval_samplers)
+
+
+def cache_path(plan: Plan, run: RunSpec, seed: int) -> Path:
+    return plan.results / "cache" / f"{run.name}_s{seed}.json"
+
+
+def read_cache(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {"marks": {}}
+
+
+def write_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def pending(plan: Plan, run: RunSpec, seed: int, costs: dict[str, float]) -> bool:
+    cache = read_cache(cache_path(plan, run, seed))
+    steps = mark_steps(plan, costs[run.name])
+    return not (cache.get("final") and all(str(s) in cache["marks"] for s in steps))
+
+
+def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
+    """Train one (run, seed) mark by mark, evaluating each mark; returns a status line."""
+    plan, run, seed, root, costs = args
+    import torch
+
+    from cm_policy.checkpoint import load_policy
+    from cm_policy.evaluation.measure import chunk_latency_ms, evaluate_entry, grad_stats, read_log
+
+    torch.set_num_threads(1)
+    run_dir = root / f"{run.name}_s{seed}"
+    path = cache_path(plan, run, seed)
+    cache = read_cache(path)
+    steps = mark_steps(plan, costs[run.name])
+    first = plan.test_start + plan.seed_index(seed) * plan.episodes_per_seed
+    seeds = list(range(first, first + plan.episodes_per_seed))
+    cli = [sys.executable, "-m", "cm_policy.cli", "train"]
+    base = [*run_overrides(plan, run, seed, run_dir), f"training.steps={steps[-1]}"]
+    log_file = root / f"{run.name}_s{seed}.log"
+    for minutes, step in zip(plan.marks_min, steps, strict=True):
+        key = str(step)
+        if key in cache["marks"]:
+            continue
+        checkpoint = run_dir / "checkpoints" / f"step_{step:07d}"
+        latest = run_dir / "checkpoints" / "latest"
+        reached = int(latest.read_text().split("_")[1]) if latest.exists() else 0
+        if not checkpoint.is_dir() and reached >= step:
+            return (
+                f"{run.name} s{seed}: no checkpoint at step {step} (at {reached}; grain changed?)"
+            )
+        if not checkpoint.is_dir():
+            resume = [f"resume={run_dir}"] if reached else []
+            with open(log_file, "a") as log:
+                done = subprocess.run(
+                    [*cli, *base, f"training.stop_after={step}", *resume],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                    check=False,
+                )
+            if done.returncode or not checkpoint.is_dir():
+                return f"{run.name} s{seed}: training to step {step} failed (see {log_file})"
+        policy = load_policy(checkpoint, weights="ema", device="cpu")
+        entries = {}
+        for label in samplers_of(run):
+            out = run_dir / "eval" / f"step{step}_{label.replace(':', '')}"
+            torch.manual_seed(seed * 1_000_003 + step)  # the evaluation's noise, reproducible
+            entries[label] = evaluate_entry(
+                policy, label, seeds, out, plan.n_envs, int(policy_horizon(policy)), "sync"
+            )
+        cache["marks"][key] = {"minutes": minutes, "entries": entries}
+        write_atomic(path, cache)
+    if not cache.get("final"):
+        policy = load_policy(run_dir / "checkpoints" / f"step_{steps[-1]:07d}", weights="ema")
+        headline = policy.method.headline
+        final: dict[str, Any] = {"headline": headline, "latency_ms": {}, "noise": {}}
+        for label in samplers_of(run):
+            final["latency_ms"][label] = chunk_latency_ms(policy, label)
+        if policy.method.name != "regression":
+            for noise in ("zero", f"mean:{plan.noise_draws}"):
+                torch.manual_seed(seed * 1_000_003 + steps[-1])
+                out = run_dir / "eval" / f"final_{headline.replace(':', '')}_{noise}"
+                final["noise"][noise] = evaluate_entry(
+                    policy,
+                    headline,
+                    seeds,
+                    out.with_name(out.name.replace(":", "")),
+                    plan.n_envs,
+                    int(policy_horizon(policy)),
+                    "sync",
+                    noise=noise,
+                )
+        final["train"] = grad_stats(read_log(run_dir))
+        cache["final"] = final
+        write_atomic(path, cache)
+    return f"{run.name} s{seed}: done ({len(steps)} marks)"
+
+
+def policy_horizon(policy: Any) -> int:
+    from cm_policy.tasks import load_task
+
+    return load_task(policy.spec["task"]).horizon
+
+
+def pooled_entry(entries: list[dict]) -> dict:
+    from cm_policy.evaluation.measure import pooled
+
+    return pooled(entries)
+
+
+def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
+    """``<results>/<name>.md`` and ``<name>.png`` from the cached evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cm_policy.evaluation.machine import describe_machine
+
+    caches = {(r.name, s): read_cache(cache_path(plan, r, s)) for r in plan.runs for s in r.seeds}
+    lines = [
+        f"# Campaign `{plan.name}`: {plan.task}, equal training compute",
+        "",
+        f"Command: `{command}`.",
+        "",
+        f"Machine (report written on): {describe_machine()}. Training: one torch thread per run,"
+        " two runs side by side on 2 cores. x-axis: minutes of one-thread training = steps x the"
+        " run's step cost measured side by side in one process (table below), so pauses and load"
+        " do not move it. Each mark evaluates the EMA weights on "
+        f"{plan.episodes_per_seed} test episodes per training seed (from {plan.test_start}, "
+        "disjoint per seed, the same for every run); +- is the 95% interval of the pooled "
+        "mean_score, [a, b] the Wilson interval of the pooled success rate.",
+        "",
+        f"Common overrides: `{' '.join(plan.common)}`; dataset `{plan.dataset}`.",
+        "",
+        "| run | method | overrides | seeds | step cost (s, 1 thread) | marks (steps) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in plan.runs:
+        steps = mark_steps(plan, costs[r.name])
+        lines.append(
+            f"| {r.name} | {r.method} | `{' '.join(r.overrides) or '-'}` | {r.seeds} | "
+            f"{costs[r.name]:.3f} | {', '.join(map(str, steps))} |"
+        )
+    lines += [
+        "",
+        "## Score at each mark",
+        "",
+        "| run | sampler | minutes | seeds done | episodes | mean_score | success |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
+    for r in plan.runs:
+        steps = mark_steps(plan, costs[r.name])
+        for label in samplers_of(r):
+            for minutes, step in zip(plan.marks_min, steps, strict=True):
+                entries = [
+                    caches[r.name, s]["marks"][str(step)]["entries"][label]
+                    for s in r.seeds
+                    if str(step) in caches[r.name, s]["marks"]
+                ]
+                if not entries:
+                    continue
+                p = pooled_entry(entries)
+                lo, hi = p["success_ci"]
+                lines.append(
+                    f"| {r.name} | {label} | {minutes:g} | {len(entries)}/{len(r.seeds)} | "
+                    f"{p['n']} | {p['score']:.3f} +- {p['score_half']:.3f} | "
+                    f"{p['success']:.3f} [{lo:.3f}, {hi:.3f}] |"
+                )
+                if len(entries) == len(r.seeds):
+                    curves.setdefault(f"{r.name} {label}", []).append(
+                        (minutes, p["score"], p["score_half"], p["success"], lo, hi)
+                    )
+    finals = [(r, s, caches[r.name, s].get("final")) for r in plan.runs for s in r.seeds]
+    finals = [(r, s, f) for r, s, f in finals if f]
+    if finals:
+        lines += [
+            "",
+            "## Last mark: noise diagnostic, latency, gradients",
+            "",
+            "Noise diagnostic: the headline sampler with the initial noise set to zero, and the "
+            f"chunk averaged over {plan.noise_draws} draws, beside random noise (the row above)."
+            " A policy whose score does not move acts as a regressor. Latency: median "
+            "`predict_action` at batch 1, one thread.",
+            "",
+            "| run | seed | headline | zero noise: score / success | mean of K: score / success "
+            "| latency (ms) | grad median | grad p99 | non-finite steps |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r, s, f in finals:
+            noise = f["noise"]
+            cells = [
+                f"{noise[k]['mean_score']:.3f} / {noise[k]['success_rate']:.3f}"
+                if k in noise
+                else "-"
+                for k in ("zero", f"mean:{plan.noise_draws}")
+            ]
+            latency = ", ".join(f"{k}: {v:.1f}" for k, v in f["latency_ms"].items())
+            t = f["train"]
+            lines.append(
+                f"| {r.name} | {s} | {f['headline']} | {cells[0]} | {cells[1]} | {latency} | "
+                f"{t['grad_median']:.3g} | {t['grad_p99']:.3g} | {t['nonfinite_steps']} |"
+            )
+    stem = plan.results / plan.name
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        for i, (name, pts) in enumerate(sorted(curves.items())):
+            x, y, half, succ, lo, hi = (np.array(v) for v in zip(*sorted(pts), strict=True))
+            color = f"C{i % 10}"
+            axes[0].plot(x, y, "o-", color=color, label=name)
+            axes[0].fill_between(x, y - half, y + half, color=color, alpha=0.15)
+            axes[1].plot(x, succ, "o-", color=color, label=name)
+            axes[1].fill_between(x, lo, hi, color=color, alpha=0.15)
+        for ax, title in zip(axes, ("mean_score", "success rate"), strict=True):
+            ax.set_xlabel("training compute (minutes of one thread)")
+            ax.set_title(f"{title} (95% band)")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(stem.with_suffix(".png"), dpi=110)
+        plt.close(fig)
+        lines += ["", f"![score vs training compute]({plan.name}.png)"]
+    if plan.notes:
+        lines += ["", "## What the numbers show", "", plan.notes.strip()]
+    path = stem.with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("plan", type=Path)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--root", type=Path, default=None, help="run folders (default runs/NAME)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    plan = Plan.load(args.plan)
+    root = args.root or REPO / "runs" / plan.name
+    root.mkdir(parents=True, exist_ok=True)
+    command = f"python eval/campaign.py {args.plan}"
+    costs = measured_costs(plan, root)
+    todo = [
+        (plan, r, s, root, costs) for r in plan.runs for s in r.seeds if pending(plan, r, s, costs)
+    ]
+    if todo and not args.report_only:
+        started = time.time()
+        print(f"{len(todo)} (run, seed) pairs to do with {args.jobs} jobs -> {root}", flush=True)
+        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            bar = tqdm(pool.imap_unordered(work, todo), total=len(todo), desc="runs")
+            for status in bar:
+                bar.write(f"[{(time.time() - started) / 60:.0f} min] {status}")
+                write_report(plan, costs, command)
+    print(f"report: {write_report(plan, costs, command)}")
+
+
+if __name__ == "__main__":
+    main()

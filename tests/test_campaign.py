@@ -1,0 +1,69 @@
+"""The campaign runner (eval/campaign.py): marks at equal training compute, caching, resuming."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp_path: Path):
+    results, root = tmp_path / "results", tmp_path / "runs"
+    plan = {
+        "name": "tiny",
+        "task": "pusht_keypoints",
+        "dataset": str(planner_pusht),
+        "results": str(results),
+        "common": [
+            "model=unet_tiny",
+            "model.down_dims=[16,32]",
+            "model.time_embed_dim=16",
+            "training.batch_size=8",
+            "training.warmup_steps=1",
+            "training.log_every=1",
+        ],
+        "marks_min": [0.01, 0.03],
+        "grain": 2,
+        "episodes_per_seed": 2,
+        "n_envs": 2,
+        "noise_draws": 2,
+        "runs": [
+            {"name": "isd", "method": "isd", "seeds": [0], "samplers": ["1", "2"]},
+            {"name": "reg", "method": "regression", "seeds": [0]},
+        ],
+    }
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    command = [sys.executable, str(REPO / "eval/campaign.py"), str(plan_file), "--root", str(root)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    costs = json.loads((results / "step_costs.json").read_text())
+    assert set(costs) == {"isd", "reg"} and costs["isd"] > costs["reg"] > 0
+    for run, samplers in (("isd", {"1", "2"}), ("reg", {"1"})):
+        cache = json.loads((results / "cache" / f"{run}_s0.json").read_text())
+        # Marks are minutes of compute turned into steps by the run's own step cost.
+        expected = sorted(max(2, round(m * 60 / costs[run] / 2) * 2) for m in plan["marks_min"])
+        assert sorted(int(s) for s in cache["marks"]) == sorted(set(expected))
+        for mark in cache["marks"].values():
+            assert set(mark["entries"]) == samplers
+            for entry in mark["entries"].values():
+                assert entry["n_episodes"] == 2 and entry["seeds"] == [100000, 100001]
+        final = cache["final"]
+        assert set(final["latency_ms"]) == samplers
+        # The noise diagnostic runs for the generative method only.
+        assert set(final["noise"]) == ({"zero", "mean:2"} if run == "isd" else set())
+        assert final["train"]["nonfinite_steps"] == 0
+        assert (root / f"{run}_s0" / "checkpoints" / f"step_{max(expected):07d}").is_dir()
+    report = (results / "tiny.md").read_text()
+    assert "| isd | 1 | 0.03 | 1/1 | 2 |" in report and (results / "tiny.png").stat().st_size
+    # A second invocation finds everything done: nothing is trained or evaluated again.
+    stamps = {p: p.stat().st_mtime_ns for p in (results / "cache").glob("*.json")}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0 and "pairs to do" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
