@@ -239,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-def run_command(argv: list[str]) -> None:
+def run_command(argv: list[str]) -> Any:
+    """Run a command line (without the program name); returns what the command returns (a run
+    folder, metrics), errors raised as they are."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     parser = argparse.ArgumentParser(prog="cm-policy", usage=USAGE, add_help=True)
     parser.add_argument("command", choices=["data", "train", "eval", "run", "serve"])
@@ -255,7 +257,7 @@ def run_command(argv: list[str]) -> None:
         "run": cmd_run,
         "serve": cmd_serve,
     }
-    commands[command](rest)
+    return commands[command](rest)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cm_policy.data.replay_buffer import ReplayBuffer, atomic_directory
 from cm_policy.envs.pusht_planner import generate
 
@@ -28,12 +30,16 @@ def generate_pusht_dataset(
     workers: int = 2,
     images: bool = True,
     overwrite: bool = False,
+    goals: tuple[tuple[float, float, float], ...] | None = None,
 ) -> dict:
     """Write ``n_episodes`` successful planned episodes to the zarr buffer ``out``.
 
     Episodes start from the reference initial states of seeds ``seed, seed + 1, ...`` (keep them
     far from the test seeds 100000..). Returns and stores (``<out>/generation.json``) the attempt
-    statistics: success rate, episode lengths and episodes per minute.
+    statistics: success rate, episode lengths and episodes per minute. ``goals``: each attempt
+    plans for one of these block poses, drawn per seed; the buffer then records it per step as
+    ``goal`` (its index; not an observation), and the statistics count attempts and successes
+    per goal.
     """
     out = Path(out)
     if n_episodes < 1:
@@ -44,6 +50,7 @@ def generate_pusht_dataset(
         buffer = ReplayBuffer.create(tmp)
         started = time.perf_counter()
         attempts, lengths, next_seed = 0, [], seed
+        per_goal = [[0, 0] for _ in goals or [None]]  # attempts, successes
         while len(lengths) < n_episodes:
             if attempts >= MAX_ATTEMPTS_PER_EPISODE * n_episodes:
                 raise RuntimeError(
@@ -51,8 +58,12 @@ def generate_pusht_dataset(
                     f"(expected {n_episodes} successes within {MAX_ATTEMPTS_PER_EPISODE * n_episodes})"
                 )
             batch = n_episodes - len(lengths)
-            for episode in generate(batch, seed=next_seed, workers=workers, render=images):
+            for episode in generate(
+                batch, seed=next_seed, workers=workers, render=images, goals=goals
+            ):
                 attempts += 1
+                per_goal[episode.goal][0] += 1
+                per_goal[episode.goal][1] += episode.success
                 if episode.success:
                     data = {
                         "state": episode.state,
@@ -62,6 +73,8 @@ def generate_pusht_dataset(
                     }
                     if images:
                         data["img"] = episode.img.round().clip(0, 255).astype("uint8")
+                    if goals is not None:
+                        data["goal"] = np.full((episode.n_steps, 1), episode.goal, np.int64)
                     buffer.add_episode(data)
                     lengths.append(episode.n_steps)
             next_seed += batch
@@ -77,6 +90,10 @@ def generate_pusht_dataset(
             "episodes_per_minute": len(lengths) / wall * 60,
             "workers": workers,
         }
+        if goals is not None:
+            stats["goals"] = [list(g) for g in goals]
+            stats["attempts_per_goal"] = [a for a, _ in per_goal]
+            stats["episodes_per_goal"] = [n for _, n in per_goal]
         (tmp / "generation.json").write_text(json.dumps(stats, indent=2))
     print(
         f"wrote {len(lengths)} episodes ({sum(lengths)} steps) to {out}: "

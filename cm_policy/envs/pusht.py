@@ -94,14 +94,15 @@ shapely.prepare(GOAL_GEOMETRY)
 GOAL_AREA = float(GOAL_GEOMETRY.area)
 
 
-def coverage_of(block_pose: np.ndarray) -> float:
+def coverage_of(block_pose: np.ndarray, goal: sg.Polygon = GOAL_GEOMETRY) -> float:
     """Fraction of the goal area covered by the block at ``block_pose`` = (x, y, angle).
 
-    The bar and the stem do not overlap, so the covered area is the sum of their intersections
-    with the goal; that avoids a polygon union per step.
+    ``goal``: the T at the goal pose (:func:`tee_geometry`; every goal has the T's area). The bar
+    and the stem do not overlap, so the covered area is the sum of their intersections with the
+    goal; that avoids a polygon union per step.
     """
     parts = shapely.polygons(np.stack(tee_polygons(*(float(v) for v in block_pose[:3]))))
-    return float(shapely.area(shapely.intersection(GOAL_GEOMETRY, parts)).sum()) / GOAL_AREA
+    return float(shapely.area(shapely.intersection(goal, parts)).sum()) / GOAL_AREA
 
 
 def block_keypoints(block_pose: np.ndarray) -> np.ndarray:
@@ -133,18 +134,28 @@ class PushTEnv(gym.Env):
     observation) or ``image`` (``image`` 96x96x3 uint8 + ``agent_pos``). Observations are dicts.
 
     ``reset(seed=N)`` draws the reference's initial state N; ``reset(options={"state": s})`` and
-    :meth:`set_state` place the env exactly at a recorded 5-d state.
+    :meth:`set_state` place the env exactly at a recorded 5-d state. ``goal``: the block pose to
+    reach (x, y, angle), the reference's by default.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
 
-    def __init__(self, obs_type: str = "state", render_size: int = 96, video_size: int = 256):
+    def __init__(
+        self,
+        obs_type: str = "state",
+        render_size: int = 96,
+        video_size: int = 256,
+        goal: tuple[float, float, float] = GOAL_POSE,
+    ):
         if obs_type not in OBS_TYPES:
             raise ValueError(f"obs_type must be one of {OBS_TYPES}, got {obs_type!r}")
         self.obs_type = obs_type
         self.render_mode = "rgb_array"
         self.render_size = render_size
         self.video_size = video_size
+        self.goals: tuple[tuple[float, float, float], ...] = (tuple(goal),)  # drawn in renders
+        self.goal_geometry = GOAL_GEOMETRY if tuple(goal) == GOAL_POSE else tee_geometry(*goal)
+        shapely.prepare(self.goal_geometry)
         ws = float(WINDOW_SIZE)
         self.action_space = spaces.Box(0.0, ws, shape=(2,), dtype=np.float32)
         low_dim = {"state": 5, "state_sincos": 6, "keypoints": 20}
@@ -290,7 +301,7 @@ class PushTEnv(gym.Env):
         b = self.block.position
         pose = (b.x, b.y, self.block.angle)
         if pose != self._coverage_cache[0]:
-            self._coverage_cache = (pose, coverage_of(np.array(pose)))
+            self._coverage_cache = (pose, coverage_of(np.array(pose), self.goal_geometry))
         return self._coverage_cache[1]
 
     def _get_info(self, coverage: float) -> dict:
@@ -312,17 +323,23 @@ class PushTEnv(gym.Env):
         if self.obs_type == "keypoints":
             return {"keypoints": keypoint_obs(state)}
         return {
-            "image": render_state(state, self.render_size),
+            "image": render_state(state, self.render_size, goals=self.goals),
             "agent_pos": state[:2].astype(np.float32),
         }
 
     def render(self) -> np.ndarray:
         """An RGB frame (video_size x video_size) with the latest action marked by a red cross."""
-        return render_state(self.get_state(), self.video_size, self.latest_action)
+        return render_state(self.get_state(), self.video_size, self.latest_action, self.goals)
 
 
-def render_state(state: np.ndarray, size: int, action: np.ndarray | None = None) -> np.ndarray:
-    """Draw a 5-d state as an RGB uint8 image of ``size`` x ``size`` (the reference's look)."""
+def render_state(
+    state: np.ndarray,
+    size: int,
+    action: np.ndarray | None = None,
+    goals: tuple[tuple[float, float, float], ...] = (GOAL_POSE,),
+) -> np.ndarray:
+    """Draw a 5-d state as an RGB uint8 image of ``size`` x ``size`` (the reference's look), with
+    the goal pose(s) filled in."""
     shift = 4  # sub-pixel precision of the cv2 drawing calls, in bits
     scale = size / WINDOW_SIZE * (1 << shift)
     img = np.full((size, size, 3), COLOR_BACKGROUND, dtype=np.uint8)
@@ -330,8 +347,9 @@ def render_state(state: np.ndarray, size: int, action: np.ndarray | None = None)
     def fixed(points: np.ndarray) -> np.ndarray:
         return np.round(np.asarray(points) * scale).astype(np.int32)
 
-    for part in tee_polygons(*GOAL_POSE):
-        cv2.fillPoly(img, [fixed(part)], COLOR_GOAL, cv2.LINE_AA, shift)
+    for goal in goals:
+        for part in tee_polygons(*goal):
+            cv2.fillPoly(img, [fixed(part)], COLOR_GOAL, cv2.LINE_AA, shift)
     wall_px = max(1, round(2 * WALL_RADIUS * size / WINDOW_SIZE))
     for a, b in WALLS:
         p, q = fixed(a), fixed(b)

@@ -98,6 +98,7 @@ class PlannedEpisode:
     n_contacts: np.ndarray  # (T, 1) float32
     success: bool
     max_coverage: float
+    goal: int = 0  # index of the goal planned for, among the goals a generator was given
 
     @property
     def n_steps(self) -> int:
@@ -122,11 +123,12 @@ def _outline_at(block_pose: np.ndarray) -> np.ndarray:
     return OUTLINE @ _rotation(float(block_pose[2])).T + block_pose[:2]
 
 
-def pose_error(block_pose: np.ndarray) -> float:
+def pose_error(block_pose: np.ndarray, goal: np.ndarray = GOAL) -> float:
     """Mean distance (px) of the T's outline vertices from where they are at the goal, plus a
     term linear in the angle error (see ``ANGLE_SLOPE``)."""
-    vertex_error = np.linalg.norm(_outline_at(block_pose) - GOAL_VERTICES, axis=1).mean()
-    return float(vertex_error + ANGLE_SLOPE * abs(_wrap(float(block_pose[2]) - GOAL[2])))
+    vertices = GOAL_VERTICES if goal is GOAL else _outline_at(goal)
+    vertex_error = np.linalg.norm(_outline_at(block_pose) - vertices, axis=1).mean()
+    return float(vertex_error + ANGLE_SLOPE * abs(_wrap(float(block_pose[2]) - goal[2])))
 
 
 def _contact_points() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -256,9 +258,9 @@ class _Push:
 class _Planner:
     """Chooses strokes (travel + push) greedily by simulating candidate pushes."""
 
-    def __init__(self, style: Style, rng: np.random.Generator):
-        self.style, self.rng = style, rng
-        self.scratch = PushTEnv()
+    def __init__(self, style: Style, rng: np.random.Generator, goal: np.ndarray = GOAL):
+        self.style, self.rng, self.goal = style, rng, goal
+        self.scratch = PushTEnv(goal=tuple(goal))
 
     def _ranked_pushes(self, state: np.ndarray) -> list[_Push]:
         """Candidate pushes, best first by the first-order model of frictionless pushing.
@@ -270,8 +272,9 @@ class _Planner:
         rot = _rotation(block[2])
         points, normals = CONTACTS @ rot.T + block[:2], CONTACT_NORMALS @ rot.T
         cog = rot @ BLOCK_COG + block[:2]
-        goal_cog = _rotation(GOAL[2]) @ BLOCK_COG + GOAL[:2]
-        error = np.r_[goal_cog - cog, ANGLE_WEIGHT * _wrap(GOAL[2] - block[2])]
+        goal = self.goal
+        goal_cog = _rotation(goal[2]) @ BLOCK_COG + goal[:2]
+        error = np.r_[goal_cog - cog, ANGLE_WEIGHT * _wrap(goal[2] - block[2])]
         error_norm = float(np.linalg.norm(error))
         starts = points + normals * (AGENT_RADIUS + PRE_CONTACT_GAP)
         reachable = np.all((starts >= 0) & (starts <= WINDOW_SIZE), axis=1)
@@ -314,12 +317,12 @@ class _Planner:
         """
         env = self.scratch
         env.set_state(np.r_[push.start, block])
-        best, best_score, error = None, math.inf, pose_error(block)
+        best, best_score, error = None, math.inf, pose_error(block, self.goal)
         for k in range(1, math.ceil(push.length / push.speed) + 1):
             target = push.start + push.direction * min(push.speed * k, push.length)
             _, _, done, _, _ = env.step(target)
             state = env.get_state()
-            cost = 0.0 if done else pose_error(state[2:5])
+            cost = 0.0 if done else pose_error(state[2:5], self.goal)
             score = cost + step_cost * k
             if cost < error and score < best_score:
                 length = float((state[:2] - push.start) @ push.direction)
@@ -364,7 +367,7 @@ class _Planner:
                 touched = tee.distance(sg.Point(after[:2])) < AGENT_RADIUS + TOUCH_TOLERANCE
             if done:
                 return 0.0, touched
-        return pose_error(env.get_state()[2:5]), touched
+        return pose_error(env.get_state()[2:5], self.goal), touched
 
     def _verified(
         self, push: _Push, state: np.ndarray, velocities: np.ndarray, step_cost: float
@@ -405,7 +408,7 @@ class _Planner:
     def next_stroke(self, state: np.ndarray, velocities: np.ndarray) -> np.ndarray | None:
         """Agent targets (K, 2) of the stroke to execute next from ``state``; None if no push
         reduces the pose error."""
-        error = pose_error(state[2:5])
+        error = pose_error(state[2:5], self.goal)
         step_cost = STEP_COST * error
         ranked = self._ranked_pushes(state)
         simulated = []
@@ -434,15 +437,22 @@ class _Planner:
 
 
 def plan_episode(
-    seed: int, max_steps: int = 300, render_size: int | None = 96, rng_seed: int | None = None
+    seed: int,
+    max_steps: int = 300,
+    render_size: int | None = 96,
+    rng_seed: int | None = None,
+    goal: tuple[float, float, float] = GOAL_POSE,
+    drawn_goals: tuple[tuple[float, float, float], ...] | None = None,
 ) -> PlannedEpisode:
-    """Plan and record one episode from the reference initial state of ``seed``.
+    """Plan and record one episode from the reference initial state of ``seed`` to ``goal``.
 
     ``rng_seed`` (default: ``seed``) draws the demonstrator's style and its random choices.
+    ``drawn_goals``: the goal outlines in the rendered images (default: ``goal``'s).
     """
     rng = np.random.default_rng(seed if rng_seed is None else rng_seed)
-    planner = _Planner(Style.draw(rng), rng)
-    env = PushTEnv()
+    goal_array = GOAL if tuple(goal) == GOAL_POSE else np.array(goal, dtype=np.float64)
+    planner = _Planner(Style.draw(rng), rng, goal_array)
+    env = PushTEnv(goal=tuple(goal))
     env.reset(seed=seed)
     # Restart from the same state, as recorded (float32, angle wrapped as in the observations), in
     # a fresh space, so that replaying the actions from the recorded first state is exact.
@@ -464,14 +474,15 @@ def plan_episode(
             max_coverage = max(max_coverage, info["coverage"])
             if success or len(actions) >= max_steps:
                 break
-        error = pose_error(env.get_state()[2:5])
+        error = pose_error(env.get_state()[2:5], goal_array)
         stale = 0 if error < best_error else stale + 1
         best_error = min(best_error, error)
     state = np.array(states, dtype=np.float64).reshape(-1, 5)
     state[:, 4] %= 2 * np.pi
     img = None
     if render_size is not None:
-        img = np.array([render_state(s, render_size) for s in state], dtype=np.float32)
+        goals = drawn_goals or (tuple(goal),)
+        img = np.array([render_state(s, render_size, goals=goals) for s in state], np.float32)
         img = img.reshape(-1, render_size, render_size, 3)
     return PlannedEpisode(
         seed=seed,
@@ -487,19 +498,41 @@ def plan_episode(
     )
 
 
-def _plan_attempt(seed: int, render: bool) -> PlannedEpisode:
-    return plan_episode(seed, render_size=DATASET_IMAGE_SIZE if render else None)
+GOAL_CHOICE_STREAM = 7  # keeps the goal draw apart from the style draw of the same seed
+
+
+def goal_choice(seed: int, n_goals: int) -> int:
+    """The goal an attempt on ``seed`` plans for: uniform over ``n_goals``, fixed by the seed."""
+    return int(np.random.default_rng((GOAL_CHOICE_STREAM, seed)).integers(n_goals))
+
+
+def _plan_attempt(
+    seed: int, render: bool, goals: tuple[tuple[float, float, float], ...] | None
+) -> PlannedEpisode:
+    size = DATASET_IMAGE_SIZE if render else None
+    if goals is None:
+        return plan_episode(seed, render_size=size)
+    k = goal_choice(seed, len(goals))
+    episode = plan_episode(seed, render_size=size, goal=goals[k], drawn_goals=goals)
+    episode.goal = k
+    return episode
 
 
 def generate(
-    n_episodes: int, seed: int = 0, workers: int = 1, render: bool = True, progress: bool = True
+    n_episodes: int,
+    seed: int = 0,
+    workers: int = 1,
+    render: bool = True,
+    progress: bool = True,
+    goals: tuple[tuple[float, float, float], ...] | None = None,
 ) -> Iterator[PlannedEpisode]:
     """Attempt ``n_episodes`` episodes on seeds ``seed``, ``seed + 1``, ... and yield every
-    attempt, successful or not, in seed order."""
+    attempt, successful or not, in seed order. ``goals``: each attempt plans for one of them
+    (:func:`goal_choice`) and images show them all; None: the reference's goal."""
     if n_episodes < 0 or workers < 1:
         raise ValueError(f"need n_episodes >= 0 and workers >= 1, got {n_episodes}, {workers}")
     seeds = range(seed, seed + n_episodes)
-    attempt = functools.partial(_plan_attempt, render=render)
+    attempt = functools.partial(_plan_attempt, render=render, goals=goals)
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(
             tqdm(total=n_episodes, desc="planning PushT demos", unit="ep", disable=not progress)

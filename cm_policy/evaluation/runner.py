@@ -32,6 +32,7 @@ class EpisodeResult:
     success: bool
     n_steps: int
     video: str | None = None
+    outcome: dict[str, Any] | None = None  # the task's account of how the episode ended
 
 
 def stack_obs(obs: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
@@ -70,8 +71,15 @@ def run_episodes(
     progress: bool = True,
     predict_kwargs: Mapping[str, Any] | None = None,
     vector_env: gym.vector.VectorEnv | None = None,
+    outcome_keys: Sequence[str] = (),
+    outcome: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> list[EpisodeResult]:
-    """Run one episode per seed; videos of the first ``n_videos`` seeds go to ``video_dir``."""
+    """Run one episode per seed; videos of the first ``n_videos`` seeds go to ``video_dir``.
+
+    ``outcome``: called with each episode's last ``info`` values of ``outcome_keys`` (those of
+    its last step, or of the reset for an episode of no step); its dict is the result's
+    ``outcome``.
+    """
     seeds = [int(s) for s in seeds]
     if n_videos and video_dir is None:
         raise ValueError("n_videos > 0 needs a video_dir")
@@ -87,12 +95,13 @@ def run_episodes(
             wave = seeds[start : start + n_envs]
             # Unused envs of a short last wave run a copy of the wave's first seed.
             padded = wave + [wave[0]] * (n_envs - len(wave))
-            obs, _ = envs.reset(seed=padded)
+            obs, reset_info = envs.reset(seed=padded)
             history = stack_obs(obs, n_obs_steps)
             active = np.zeros(n_envs, dtype=bool)
             active[: len(wave)] = True
             max_reward = np.zeros(n_envs)
             success = np.zeros(n_envs, dtype=bool)
+            last = [{k: reset_info[k][i] for k in outcome_keys} for i in range(n_envs)]
             n_steps = np.zeros(n_envs, dtype=int)
             filmed = [start + i < n_videos for i in range(n_envs)]
             frames: list[list[np.ndarray]] = [[] for _ in range(n_envs)]
@@ -116,6 +125,8 @@ def run_episodes(
                     max_reward = np.where(active, np.maximum(max_reward, reward), max_reward)
                     success |= active & np.asarray(info.get("is_success", terminated), dtype=bool)
                     n_steps += active
+                    for i in np.flatnonzero(active) if outcome_keys else ():
+                        last[i] = {k: info[k][i] for k in outcome_keys}
                     push_obs(history, obs)
                     if any(filmed[i] and active[i] for i in range(n_envs)):
                         for i, frame in enumerate(envs.call("render")):
@@ -130,7 +141,12 @@ def run_episodes(
                     video = str(write_mp4(Path(video_dir) / f"seed_{seed}.mp4", frames[i], fps))
                 results.append(
                     EpisodeResult(
-                        seed, float(max_reward[i]), bool(success[i]), int(n_steps[i]), video
+                        seed,
+                        float(max_reward[i]),
+                        bool(success[i]),
+                        int(n_steps[i]),
+                        video,
+                        outcome(last[i]) if outcome else None,
                     )
                 )
             bar.update(len(wave))
@@ -206,14 +222,18 @@ def evaluate(
     out_dir: str | Path,
     *,
     extra: Mapping[str, Any] | None = None,
+    summarize_outcomes: Callable[[Sequence[EpisodeResult]], dict[str, Any]] | None = None,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run the episodes; write ``metrics.json``, ``episodes.json``, videos and ``summary.png``."""
+    """Run the episodes; write ``metrics.json``, ``episodes.json``, videos and ``summary.png``.
+    ``summarize_outcomes`` adds the task's own metrics over the episodes' outcomes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = run_episodes(policy, env_fn, seeds, video_dir=out / "videos", **run_kwargs)
     metrics = summarize(results)
+    if summarize_outcomes is not None:
+        metrics.update(summarize_outcomes(results))
     metrics.update({"seeds": [seeds[0], seeds[-1]], "wall_s": time.perf_counter() - started})
     metrics.update(extra or {})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -254,6 +274,9 @@ def evaluate_policy(
         n_action_steps=policy.n_action_steps,
         predict_kwargs={"steps": steps, "sampler": sampler, "noise": noise},
         extra={"steps": steps, "sampler": sampler, "noise": noise, **(extra or {})},
+        outcome_keys=task.outcome_keys,
+        outcome=task.episode_outcome if task.outcome_keys else None,
+        summarize_outcomes=task.summarize_outcomes if task.outcome_keys else None,
         **run_kwargs,
     )
 

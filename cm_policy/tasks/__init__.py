@@ -11,7 +11,7 @@ Nothing outside a task module switches on a task's name: the rest of the package
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, ClassVar
 
@@ -34,6 +34,8 @@ class Task:
     # ``cm-policy data generate <name> k=v ...`` / ``data convert <name> IN ... OUT k=v ...``.
     generate_options: ClassVar[Options] = {}
     convert_options: ClassVar[Options] = {}
+    # The info keys an evaluation keeps from each episode's last step, for episode_outcome.
+    outcome_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = dict(cfg)
@@ -57,6 +59,14 @@ class Task:
     def dataset_obs(self, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Observation arrays (N, ...) from recorded fields, keyed as the env's observations."""
         raise NotImplementedError
+
+    def episode_outcome(self, info: Mapping[str, Any]) -> dict[str, Any]:
+        """How an episode ended, from its last ``outcome_keys`` info values (JSON-able)."""
+        return {}
+
+    def summarize_outcomes(self, results: Sequence[Any]) -> dict[str, Any]:
+        """The task's own metrics over evaluated episodes (their ``outcome``)."""
+        return {}
 
     @classmethod
     def generate(cls, opts: Mapping[str, Any]) -> Any:
