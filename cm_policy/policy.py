@@ -12,6 +12,7 @@ from torch import nn
 
 from cm_policy.data.normalizer import LinearNormalizer
 from cm_policy.methods import Method, make_method
+from cm_policy.methods.base import Generators
 from cm_policy.models.encoders import ImageEncoder, LowDimEncoder
 from cm_policy.models.unet import ConditionalUnet1D
 
@@ -117,7 +118,7 @@ class Policy(nn.Module):
         self,
         obs: Mapping[str, Any],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         noise: str = "random",
     ) -> np.ndarray:

@@ -8,6 +8,12 @@ in its own virtualenv (``--venv``, created on first use) because it pins pymunk 
 alternate ours / reference ``--repeats`` times; the table gives the median and the range. Writes
 ``bench_env.md`` to ``--out``.
 
+With ``--policy CHECKPOINT`` (a trained PushT policy), the closed-loop runner's throughput too: env
+steps per second of ``evaluate_policy`` for several ``n_envs`` in both layouts (``sync``: every
+env in the evaluating process, one batched forward per chunk; ``async``: a worker process per
+env), beside a plain serial loop (one env, batch 1, one process) with 1 and 2 torch threads, each
+in a fresh process, the same seeds for all.
+
 The robomimic envs (robosuite Lift, Can, Square: low-dim and camera steps/s, and the scripted
 experts' success) have their own benchmark, ``eval/bench_robomimic_env.py`` (robosuite is slow
 to import and is not needed for PushT).
@@ -138,6 +144,108 @@ def bench_sampler(dataset: Path, n_batches: int) -> list[tuple[str, float, str]]
     return rows
 
 
+# One closed-loop evaluation; argv[1] is a JSON job description. Prints env steps per second.
+EVAL_RUNNER = r"""
+import json, sys, tempfile, time
+import numpy as np, torch
+
+job = json.loads(sys.argv[1])
+torch.set_num_threads(job["threads"])
+from cm_policy.checkpoint import load_policy
+from cm_policy.evaluation.runner import evaluate_policy, push_obs, stack_obs
+from cm_policy.tasks import load_task
+
+policy = load_policy(job["checkpoint"])
+seeds = list(range(job["start"], job["start"] + job["episodes"]))
+started = time.perf_counter()
+if job["layout"] == "serial":
+    env, steps = load_task(policy.spec["task"]).make_env(), 0
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        history = stack_obs({k: v[None] for k, v in obs.items()}, policy.n_obs_steps)
+        done, t = False, 0
+        while not done and t < job["max_steps"]:
+            for action in policy.predict_action(history)[0]:
+                obs, _, done, _, _ = env.step(action)
+                push_obs(history, {k: v[None] for k, v in obs.items()})
+                t += 1
+                if done or t >= job["max_steps"]:
+                    break
+        steps += t
+else:
+    with tempfile.TemporaryDirectory() as out:
+        evaluate_policy(policy, seeds, out, n_envs=job["n_envs"], layout=job["layout"],
+                        max_steps=job["max_steps"], n_videos=0, progress=False)
+        episodes = json.loads(open(out + "/episodes.json").read())
+    steps = sum(e["n_steps"] for e in episodes)
+wall = time.perf_counter() - started
+print(json.dumps({"steps": steps, "wall_s": wall, "steps_per_s": steps / wall}))
+"""
+
+
+def bench_runner(checkpoint: Path, episodes: int) -> list[tuple[str, int, int, dict]]:
+    """(layout, n_envs, threads, result) of each runner configuration, in fresh processes."""
+    jobs = [("serial", 1, 1), ("serial", 1, 2)]
+    jobs += [("sync", n, 1) for n in (8, 25, 50)] + [("async", n, 1) for n in (2, 8)]
+    rows = []
+    for layout, n_envs, threads in jobs:
+        job = {
+            "checkpoint": str(checkpoint),
+            "layout": layout,
+            "n_envs": n_envs,
+            "threads": threads,
+            "episodes": episodes,
+            "start": 100000,
+            "max_steps": 300,
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", EVAL_RUNNER, json.dumps(job)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"runner {layout:6s} n_envs {n_envs:3d} threads {threads}: "
+            f"{result['steps_per_s']:7.0f} steps/s",
+            flush=True,
+        )
+        rows.append((layout, n_envs, threads, result))
+    return rows
+
+
+def write_runner_report(args: argparse.Namespace, rows: list[tuple[str, int, int, dict]]) -> None:
+    serial = next(r for layout, _, threads, r in rows if layout == "serial" and threads == 1)
+    cmd = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]]
+    )
+    lines = [
+        "# Closed-loop evaluation speed (PushT)",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"- Machine: {describe_machine()}; load average before the run "
+        f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min).",
+        f"- Policy: `{args.policy}`; {args.episodes} episodes per configuration (test seeds from "
+        "100000, at most 300 steps), each configuration in a fresh process, one after another.",
+        "- serial: one env, batch 1, `predict_action` per chunk in one process (the plain loop); "
+        "sync: `evaluate_policy` with every env in the evaluating process and one batched "
+        "forward per chunk; async: a worker process per env.",
+        "",
+        "| layout | n_envs | torch threads | env steps/s | x serial (1 thread) |",
+        "|---|---|---|---|---|",
+    ]
+    for layout, n_envs, threads, result in rows:
+        ratio = result["steps_per_s"] / serial["steps_per_s"]
+        lines.append(
+            f"| {layout} | {n_envs} | {threads} | {result['steps_per_s']:,.0f} | {ratio:.2f}x |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_runner.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "eval/results")
@@ -148,7 +256,14 @@ def main() -> None:
     parser.add_argument("--reset-every", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sampler-batches", type=int, default=200)
+    parser.add_argument("--policy", type=Path, default=None, help="a trained PushT checkpoint")
+    parser.add_argument("--episodes", type=int, default=100, help="per runner configuration")
+    parser.add_argument("--skip-env", action="store_true", help="only the runner section")
     args = parser.parse_args()
+    if args.policy is not None:
+        write_runner_report(args, bench_runner(args.policy, args.episodes))
+        if args.skip_env:
+            return
 
     load_before = os.getloadavg()
     reference_error = None

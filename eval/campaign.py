@@ -67,6 +67,9 @@ class Plan:
     n_envs: int = 50
     grain: int = GRAIN_DEFAULT
     noise_draws: int = 4  # K of the mean-of-K noise diagnostic
+    # Task metrics that are shares of all episodes (e.g. two-goal PushT's reached_A, between):
+    # pooled over seeds and shown beside score and success.
+    rate_metrics: list[str] = field(default_factory=list)
     notes: str = ""
 
     def seed_index(self, seed: int) -> int:
@@ -206,10 +209,10 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
         entries = {}
         for label in samplers_of(run):
             out = run_dir / "eval" / f"step{step}_{label.replace(':', '')}"
-            torch.manual_seed(seed * 1_000_003 + step)  # the evaluation's noise, reproducible
-            entries[label] = evaluate_entry(
-                policy, label, seeds, out, plan.n_envs, int(policy_horizon(policy)), "sync"
-            )
+            entries[label] = evaluate_entry(policy, label, seeds, out, plan.n_envs, layout="sync")
+            episodes = json.loads((out / "episodes.json").read_text())
+            if episodes and episodes[0].get("outcome"):  # kept for figures of where runs end
+                entries[label]["outcomes"] = [e["outcome"] for e in episodes]
         cache["marks"][key] = {"minutes": minutes, "entries": entries}
         write_atomic(path, cache)
     if not cache.get("final"):
@@ -220,7 +223,6 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
             final["latency_ms"][label] = chunk_latency_ms(policy, label)
         if policy.method.name != "regression":
             for noise in ("zero", f"mean:{plan.noise_draws}"):
-                torch.manual_seed(seed * 1_000_003 + steps[-1])
                 out = run_dir / "eval" / f"final_{headline.replace(':', '')}_{noise}"
                 final["noise"][noise] = evaluate_entry(
                     policy,
@@ -228,8 +230,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
                     seeds,
                     out.with_name(out.name.replace(":", "")),
                     plan.n_envs,
-                    int(policy_horizon(policy)),
-                    "sync",
+                    layout="sync",
                     noise=noise,
                 )
         final["train"] = grad_stats(read_log(run_dir))
@@ -238,16 +239,20 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
     return f"{run.name} s{seed}: done ({len(steps)} marks)"
 
 
-def policy_horizon(policy: Any) -> int:
-    from cm_policy.tasks import load_task
-
-    return load_task(policy.spec["task"]).horizon
-
-
 def pooled_entry(entries: list[dict]) -> dict:
     from cm_policy.evaluation.measure import pooled
 
     return pooled(entries)
+
+
+def pooled_rate(entries: list[dict], key: str) -> str:
+    """A share of all episodes pooled over seeds, with its Wilson interval, as table text."""
+    from cm_policy.evaluation.runner import wilson_interval
+
+    n = sum(e["n_episodes"] for e in entries)
+    rate = sum(e[key] * e["n_episodes"] for e in entries) / n
+    lo, hi = wilson_interval(rate, n)
+    return f"{rate:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
@@ -288,8 +293,10 @@ def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
         "",
         "## Score at each mark",
         "",
-        "| run | sampler | minutes | seeds done | episodes | mean_score | success |",
-        "|---|---|---|---|---|---|---|",
+        "| run | sampler | minutes | seeds done | episodes | mean_score | success "
+        + "".join(f"| {m} " for m in plan.rate_metrics)
+        + "|",
+        "|---|---|---|---|---|---|---|" + "---|" * len(plan.rate_metrics),
     ]
     curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
     for r in plan.runs:
@@ -305,10 +312,11 @@ def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
                     continue
                 p = pooled_entry(entries)
                 lo, hi = p["success_ci"]
+                rates = "".join(f" {pooled_rate(entries, m)} |" for m in plan.rate_metrics)
                 lines.append(
                     f"| {r.name} | {label} | {minutes:g} | {len(entries)}/{len(r.seeds)} | "
                     f"{p['n']} | {p['score']:.3f} +- {p['score_half']:.3f} | "
-                    f"{p['success']:.3f} [{lo:.3f}, {hi:.3f}] |"
+                    f"{p['success']:.3f} [{lo:.3f}, {hi:.3f}] |{rates}"
                 )
                 if len(entries) == len(r.seeds):
                     curves.setdefault(f"{r.name} {label}", []).append(

@@ -169,49 +169,33 @@ def evaluate_entry(
     sampler: str,
     seeds: Sequence[int],
     out: Path,
-    n_envs: int,
-    max_steps: int,
-    vector: str = "async",
+    n_envs: int | None = None,
+    max_steps: int | None = None,
+    layout: str | None = None,
     noise: str = "random",
 ) -> dict:
     """Metrics of ``policy`` at sampler setting ``sampler`` on ``seeds``, written to ``out``
-    (read back if there)."""
-    import gymnasium as gym
-
+    (read back if there); envs, layout and horizon default to the task's."""
     from cm_policy.evaluation.runner import evaluate_policy
-    from cm_policy.tasks import load_task
 
     metrics_file = out / "metrics.json"
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
     kind, steps = policy.method.parse_label(sampler)
-    envs = None
-    if vector == "sync":
-        n = max(1, min(n_envs, len(seeds)))
-        # NEXT_STEP: the runner keeps stepping envs whose episode ended (and ignores them); a
-        # SyncVectorEnv with autoreset disabled refuses that.
-        envs = gym.vector.SyncVectorEnv(
-            [load_task(policy.spec["task"]).env_factory()] * n,
-            autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
-        )
-    try:
-        return evaluate_policy(
-            policy,
-            seeds,
-            out,
-            steps=steps,
-            sampler=kind,
-            noise=noise,
-            n_envs=n_envs,
-            n_videos=0,
-            max_steps=max_steps,
-            progress=False,
-            vector_env=envs,
-            extra={"label": sampler},
-        )
-    finally:
-        if envs is not None:
-            envs.close()
+    return evaluate_policy(
+        policy,
+        seeds,
+        out,
+        steps=steps,
+        sampler=kind,
+        noise=noise,
+        n_envs=n_envs,
+        layout=layout,
+        n_videos=0,
+        max_steps=max_steps,
+        progress=False,
+        extra={"label": sampler},
+    )
 
 
 def cached(path: Path, compute: Callable[[], Any]) -> Any:

@@ -47,13 +47,39 @@ def push_obs(history: dict[str, np.ndarray], obs: Mapping[str, np.ndarray]) -> N
         window[:, -1] = obs[k]
 
 
-def make_vector_env(env_fn: Callable[[], gym.Env], n_envs: int) -> gym.vector.VectorEnv:
-    """Envs in spawned worker processes (no state or GL context inherited from the parent)."""
+LAYOUTS = ("sync", "async")
+
+
+def make_vector_env(
+    env_fn: Callable[[], gym.Env], n_envs: int, layout: str = "async"
+) -> gym.vector.VectorEnv:
+    """``n_envs`` envs stepped together: ``sync``, all in this process (no IPC; for cheap physics
+    such as PushT's, where the policy's batched forward is the cost to share), or ``async``, one
+    spawned worker process each (no state or GL context inherited; for slow envs, robosuite)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if n_envs == 1:
         return gym.vector.SyncVectorEnv([env_fn], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    if layout == "sync":
+        # NEXT_STEP: the runner keeps stepping envs whose episode ended (and ignores them); a
+        # SyncVectorEnv with autoreset disabled refuses that.
+        return gym.vector.SyncVectorEnv(
+            [env_fn] * n_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP
+        )
     return gym.vector.AsyncVectorEnv(
         [env_fn] * n_envs, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED
     )
+
+
+def chunk_generators(seeds: Sequence[int], chunk: int) -> list[Any]:
+    """One torch generator per episode for its ``chunk``-th action chunk, seeded from (episode
+    seed, chunk): an episode's noise then depends on neither the other envs nor the layout."""
+    import torch
+
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence((s, chunk)).generate_state(1)[0]))
+        for s in seeds
+    ]
 
 
 def run_episodes(
@@ -65,11 +91,13 @@ def run_episodes(
     n_action_steps: int = 8,
     max_steps: int = 300,
     n_envs: int = 2,
+    layout: str = "async",
     n_videos: int = 0,
     video_dir: str | Path | None = None,
     fps: int | None = None,
     progress: bool = True,
     predict_kwargs: Mapping[str, Any] | None = None,
+    seeded_noise: bool = False,
     vector_env: gym.vector.VectorEnv | None = None,
     outcome_keys: Sequence[str] = (),
     outcome: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -78,13 +106,14 @@ def run_episodes(
 
     ``outcome``: called with each episode's last ``info`` values of ``outcome_keys`` (those of
     its last step, or of the reset for an episode of no step); its dict is the result's
-    ``outcome``.
+    ``outcome``. ``seeded_noise``: ``predict_action`` gets ``generator=`` one generator per env
+    (:func:`chunk_generators`), so results do not depend on ``n_envs`` or ``layout``.
     """
     seeds = [int(s) for s in seeds]
     if n_videos and video_dir is None:
         raise ValueError("n_videos > 0 needs a video_dir")
     n_envs = max(1, min(n_envs, len(seeds)))
-    envs = vector_env or make_vector_env(env_fn, n_envs)
+    envs = vector_env or make_vector_env(env_fn, n_envs, layout)
     n_envs = envs.num_envs
     fps = fps or int(envs.metadata.get("render_fps", 10))  # videos play at the control rate
     kwargs = dict(predict_kwargs or {})
@@ -109,8 +138,11 @@ def run_episodes(
                 for i, frame in enumerate(envs.call("render")):
                     if filmed[i]:
                         frames[i].append(frame)
-            step = 0
+            step, chunk = 0, 0
             while active.any() and step < max_steps:
+                if seeded_noise:
+                    kwargs["generator"] = chunk_generators(padded, chunk)
+                chunk += 1
                 actions = np.asarray(policy.predict_action(history, **kwargs))
                 if actions.ndim != 3 or actions.shape[0] != n_envs:
                     raise ValueError(
@@ -256,14 +288,19 @@ def evaluate_policy(
     """:func:`evaluate` a :class:`~cm_policy.policy.Policy` on the task of its spec, with its own
     observation window and action steps, with its method's sampler ``sampler`` (default kind
     when None) at ``steps`` network evaluations per chunk and initial noise ``noise``; episodes
-    last the task's horizon unless ``max_steps`` is given."""
+    last the task's horizon unless ``max_steps`` is given, and the envs are laid out as the task
+    prefers (:attr:`~cm_policy.tasks.Task.eval_layout`, ``eval_envs``) unless ``layout`` /
+    ``n_envs`` are given. The noise is seeded per episode and chunk (``seeded_noise``)."""
     from cm_policy.tasks import load_task
 
     task = load_task(policy.spec["task"])
     steps = steps or policy.method.default_steps
     sampler = policy.method.resolve_sampler(sampler)
-    if run_kwargs.get("max_steps") is None:
-        run_kwargs["max_steps"] = task.horizon
+    defaults = {"max_steps": task.horizon, "layout": task.eval_layout, "n_envs": task.eval_envs}
+    for key, value in defaults.items():
+        if run_kwargs.get(key) is None:
+            run_kwargs[key] = value
+    run_kwargs.setdefault("seeded_noise", True)
     policy.eval()
     return evaluate(
         policy,
@@ -296,7 +333,8 @@ def evaluate_config(
         sampler=ec["sampler"],
         noise=ec["noise"],
         max_steps=ec["max_steps"],
-        n_envs=int(ec["n_envs"]),
+        n_envs=ec["n_envs"],
+        layout=ec["layout"],
         n_videos=int(ec["n_videos"]),
         progress=bool(ec["progress"]),
         extra=ec.get("extra"),

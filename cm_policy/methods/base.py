@@ -48,7 +48,7 @@ class Method(ABC):
         cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -112,15 +112,22 @@ def adaptive_weighted(per_sample: torch.Tensor, c: float, p: float) -> torch.Ten
     return (per_sample / (per_sample.detach() + c).pow(p)).mean()
 
 
-def noise(
-    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def noise(shape: tuple[int, ...], like: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal noise on ``like``'s device and dtype, drawn from ``generator``.
 
     A generator on another device than the network (a CPU generator, as the server and the
     runner seed requests, driving a CUDA policy) draws where it lives and the noise is moved, so a
-    seed gives the same noise whatever device the policy runs on.
+    seed gives the same noise whatever device the policy runs on. A list holds one generator per
+    batch row, so that a row's noise does not depend on the rows batched with it.
     """
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [noise((1, *shape[1:]), like, g) for g in generator]
+        return torch.cat(rows) if rows else torch.empty(shape, device=like.device)
     where = generator.device if generator is not None else like.device
     x = torch.randn(shape, generator=generator, device=where, dtype=like.dtype)
     return x.to(like.device)
@@ -131,7 +138,7 @@ def euler_sample(
     cond: torch.Tensor,
     shape: tuple[int, ...],
     steps: int,
-    generator: torch.Generator | None,
+    generator: Generators,
     jump: bool,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from cm_policy.methods.base import Method, noise
+from cm_policy.methods.base import Generators, Method, noise
 
 
 class DDPM(Method):
@@ -68,7 +68,7 @@ class DDPM(Method):
         cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:

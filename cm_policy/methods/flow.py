@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method, euler_sample, ordered_beta_times
+from cm_policy.methods.base import Generators, Method, euler_sample, ordered_beta_times
 
 
 class Flow(Method):
@@ -41,7 +41,7 @@ class Flow(Method):
         cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:

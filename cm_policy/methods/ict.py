@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method, noise
+from cm_policy.methods.base import Generators, Method, noise
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -106,7 +106,7 @@ class ICT(Method):
         cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method, adaptive_weighted, euler_sample, ordered_beta_times
+from cm_policy.methods.base import (
+    Generators,
+    Method,
+    adaptive_weighted,
+    euler_sample,
+    ordered_beta_times,
+)
 
 DERIVATIVES = ("finite_difference", "jvp")
 
@@ -108,7 +114,7 @@ class ISD(Method):
         cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:

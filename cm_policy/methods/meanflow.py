@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method, adaptive_weighted, euler_sample
+from cm_policy.methods.base import Generators, Method, adaptive_weighted, euler_sample
 
 
 class MeanFlow(Method):
@@ -74,7 +74,7 @@ class MeanFlow(Method):
         cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:

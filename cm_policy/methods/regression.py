@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cm_policy.methods.base import Method
+from cm_policy.methods.base import Generators, Method
 
 
 class Regression(Method):
@@ -42,7 +42,7 @@ class Regression(Method):
         cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:

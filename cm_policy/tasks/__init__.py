@@ -30,6 +30,11 @@ class Task:
     name: ClassVar[str] = ""
     control_hz: ClassVar[float]  # actions per second the env expects
     max_steps: ClassVar[int]  # the evaluation horizon, unless the config sets ``max_steps``
+    # How evaluations step the env: "sync" (all envs in the evaluating process, one batched
+    # forward per chunk: for cheap physics) or "async" (a worker process per env: for slow envs),
+    # and how many envs by default.
+    eval_layout: ClassVar[str] = "async"
+    eval_envs: ClassVar[int] = 2
     success_rule: ClassVar[str]  # how the env decides ``is_success``, in words, for reports
     # ``cm-policy data generate <name> k=v ...`` / ``data convert <name> IN ... OUT k=v ...``.
     generate_options: ClassVar[Options] = {}

@@ -25,6 +25,10 @@ class PushT(Task):
     name = "pusht"
     control_hz = CONTROL_HZ
     max_steps = 300  # Diffusion Policy's PushT evaluation horizon
+    # pymunk steps at ~8,000/s, so the policy's forward is the cost: share it across many envs
+    # in one process (eval/results/bench_env.md).
+    eval_layout = "sync"
+    eval_envs = 50
     success_rule = f"coverage > {SUCCESS_THRESHOLD} at some step"
     generate_options = {
         "n": (int, 100),
