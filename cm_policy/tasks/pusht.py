@@ -30,6 +30,8 @@ class PushT(Task):
     eval_layout = "sync"
     eval_envs = 50
     success_rule = f"coverage > {SUCCESS_THRESHOLD} at some step"
+    # The goal poses the planner's demonstrations go to, one per episode (None: the reference's).
+    demo_goals: tuple[tuple[float, float, float], ...] | None = None
     generate_options = {
         "n": (int, 100),
         "out": (str, "data/pusht_generated.zarr"),
@@ -68,4 +70,5 @@ class PushT(Task):
             seed=opts["seed"],
             workers=opts["workers"],
             images=opts["images"],
+            goals=cls.demo_goals,
         )

@@ -84,6 +84,7 @@ class TwoGoalPushT(PushT):
     success_rule = f"coverage > {SUCCESS_THRESHOLD} of either goal at some step"
     generate_options = {**PushT.generate_options, "out": (str, "data/pusht_twogoal.zarr")}
     outcome_keys = ("reached", "state")
+    demo_goals = GOALS
 
     def make_env(self) -> gym.Env:
         return TwoGoalPushTEnv(obs_type=self.cfg["obs_type"])
@@ -114,16 +115,3 @@ class TwoGoalPushT(PushT):
         out["between"] = between
         out["between_ci95"] = list(wilson_interval(between, n))
         return out
-
-    @classmethod
-    def generate(cls, opts: Mapping[str, Any]) -> dict:
-        from cm_policy.data.pusht_demos import generate_pusht_dataset
-
-        return generate_pusht_dataset(
-            opts["out"],
-            n_episodes=opts["n"],
-            seed=opts["seed"],
-            workers=opts["workers"],
-            images=opts["images"],
-            goals=GOALS,
-        )
