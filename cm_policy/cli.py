@@ -73,6 +73,7 @@ def parse_pairs(args: Sequence[str], options: Mapping[str, tuple[type, Any]]) ->
 
 
 def cmd_data(args: list[str]) -> None:
+    from cm_policy.data.formats import data_formats
     from cm_policy.tasks import task_type, task_types
 
     if args[:1] == ["info"] and len(args) == 2:
@@ -80,20 +81,23 @@ def cmd_data(args: list[str]) -> None:
 
         print(describe(args[1]))
         return
+    sources = sorted({*data_formats(), *(n for n, t in task_types().items() if t.convert_options)})
     usage = (
         "usage: cm-policy data info PATH | cm-policy data generate TASK [k=v ...] | "
-        f"cm-policy data convert TASK IN [IN2 ...] OUT [k=v ...]; TASK in {sorted(task_types())}"
+        "cm-policy data convert SOURCE IN [IN2 ...] OUT [k=v ...]; "
+        f"TASK in {sorted(task_types())}, SOURCE in {sources}"
     )
     if len(args) < 2 or args[0] not in ("generate", "convert"):
         raise UsageError(usage)
-    task = task_type(args[1])
     pairs = [a for a in args[2:] if "=" in a]
     paths = [a for a in args[2:] if "=" not in a]
     if args[0] == "generate" and not paths:
+        task = task_type(args[1])
         task.generate(parse_pairs(pairs, task.generate_options))
         return
     if args[0] == "convert" and len(paths) >= 2:
-        stats = task.convert(paths[:-1], paths[-1], parse_pairs(pairs, task.convert_options))
+        source = data_formats().get(args[1]) or task_type(args[1])
+        stats = source.convert(paths[:-1], paths[-1], parse_pairs(pairs, source.convert_options))
         print(json.dumps(stats, indent=2))
         return
     raise UsageError(usage)
