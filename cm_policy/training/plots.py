@@ -11,6 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def logged_loss_terms(run_dir: Path) -> tuple[str, ...]:
+    """The raw loss terms the run's method declares (its ``loss_keys``)."""
+    from omegaconf import OmegaConf
+
+    from cm_policy.methods import method_type
+
+    return method_type(str(OmegaConf.load(run_dir / "config.yaml").method.name)).loss_keys
+
+
 def plot_learning_curves(run_dir: str | Path) -> Path:
     """Raw loss terms, gradient norm, learning rate and eval scores -> learning_curves.png."""
     run_dir = Path(run_dir)
@@ -25,7 +34,7 @@ def plot_learning_curves(run_dir: str | Path) -> Path:
         m = json.loads(final.read_text())
         evals.append((steps[-1], m["mean_score"], m["success_rate"]))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for key in ("loss_fm", "loss_sd", "loss"):
+    for key in (*logged_loss_terms(run_dir), "loss"):
         if key in log[0]:
             axes[0].plot(steps, [r[key] for r in log], label=key)
     axes[0].set_yscale("log")

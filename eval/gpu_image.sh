@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Image PushT on one GPU within one device allowance (issue 19's GPU path): iSD with Diffusion
+# Policy's network size (U-Net 256/512/1024 + a GroupNorm ResNet-18 per camera), bf16 autocast
+# with the JVP derivative (the finite difference is below bf16 resolution), the longest training
+# the time allows, then 500 test episodes at 1 and at 2 network steps, the envs on the machine's
+# CPU cores and the policy on the GPU.
+#
+#   bash eval/gpu_image.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]
+#
+# Stages, each under its own time limit (eval/stage.sh): check (nvidia-smi, imports, data) ->
+# probe (PROBE_STEPS steps: the step cost, compile included when COMPILE=true) -> train (as many
+# steps as fit the time left minus EVAL_RESERVE and MARGIN) -> eval at 1 step -> eval at 2 steps.
+# OUT_DIR gets at most 8 files: stages.txt, nvidia-smi.txt, summary.md (the figures, with the
+# budget and the card), logs.tar.gz (logs, train_log.jsonl, config, metrics and episodes of both
+# evaluations), and up to 3 parts of the final EMA weights (eval/stage.sh pack_weights).
+#
+# Knobs (environment): DATA (the human PushT zarr with images), MODEL (unet_dp), BATCH (128),
+# LR (1e-4), COMPILE (false), EPISODES (500), N_ENVS (32), EVAL_RESERVE (240 s), MARGIN (45 s),
+# DEVICE (cuda; cpu with MODEL=unet_tiny EPISODES=4 TOTAL_SECONDS=400 is a dry run on a laptop).
+set -uo pipefail
+OUT=${1:?usage: bash eval/gpu_image.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]}
+PY=${2:-python3}
+TOTAL=${3:-720}
+DATA=${DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/pusht/pusht_cchi_v7_replay.zarr}
+MODEL=${MODEL:-unet_dp}
+BATCH=${BATCH:-128}
+LR=${LR:-1e-4}
+COMPILE=${COMPILE:-false}
+EPISODES=${EPISODES:-500}
+N_ENVS=${N_ENVS:-32}
+EVAL_RESERVE=${EVAL_RESERVE:-240}
+MARGIN=${MARGIN:-45}
+PROBE_STEPS=${PROBE_STEPS:-30}
+DEVICE=${DEVICE:-cuda}
+WORK=${WORK:-/tmp/gpu_image}
+mkdir -p "$OUT" "$WORK/logs"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 SDL_VIDEODRIVER=dummy
+START=$SECONDS
+STAGE_LOGS=$WORK/logs STAGE_SUMMARY=$OUT/stages.txt
+source eval/stage.sh
+
+AMP=true
+[ "$DEVICE" = cpu ] && AMP=false  # bf16 autocast is for the GPU
+COMMON=(task=pusht_image "task.dataset_path=$DATA" "model=$MODEL" method=isd
+  method.derivative=jvp "training.amp=$AMP" "training.compile=$COMPILE"
+  "training.batch_size=$BATCH" "training.lr=$LR" "training.device=$DEVICE"
+  training.num_threads=8 training.log_every=10 eval.progress=false)
+
+finish() {
+  "$PY" - "$WORK" "$OUT" "$MODEL" "$BATCH" "$LR" "$COMPILE" <<'EOF' || true
+import json, sys
+from pathlib import Path
+from cm_policy.evaluation.machine import describe_machine
+work, out, model, batch, lr, compile_ = sys.argv[1:]
+work = Path(work)
+log = [json.loads(x) for x in (work / "run" / "train_log.jsonl").read_text().splitlines()] \
+    if (work / "run" / "train_log.jsonl").exists() else []
+lines = ["# Image PushT on one GPU: iSD, one device allowance", "",
+         f"Machine: {describe_machine()}.", "",
+         f"Command: `bash eval/gpu_image.sh OUT` (model {model}, batch {batch}, lr {lr}, "
+         f"compile {compile_}, bf16 autocast + JVP derivative; the human PushT data).", ""]
+if log:
+    last = log[-1]
+    lines.append(f"Training: {last['step']} steps in {last['wall_s'] / 60:.1f} min "
+                 f"({last['step'] * int(batch) / last['wall_s']:.0f} samples/s).")
+lines += ["", "| network steps | episodes | mean_score (95%) | success (Wilson 95%) |",
+          "|---|---|---|---|"]
+for steps in (1, 2):
+    path = work / f"eval_steps{steps}" / "metrics.json"
+    if path.exists():
+        m = json.loads(path.read_text())
+        lo, hi = m["mean_score_ci95"]; slo, shi = m["success_rate_ci95"]
+        lines.append(f"| {steps} | {m['n_episodes']} | {m['mean_score']:.3f} [{lo:.3f}, {hi:.3f}]"
+                     f" | {m['success_rate']:.3f} [{slo:.3f}, {shi:.3f}] |")
+    else:
+        lines.append(f"| {steps} | - | not evaluated | - |")
+(Path(out) / "summary.md").write_text("\n".join(lines) + "\n")
+EOF
+  tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='*.mp4' \
+    --exclude='tensorboard' logs run/train_log.jsonl run/config.yaml eval_steps1 eval_steps2 \
+    2>/dev/null
+  MAX_PARTS=3 pack_weights "$WORK" "$OUT" "$WORK/run"
+  echo "stages:"
+  cat "$OUT/stages.txt"
+}
+trap finish EXIT
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia-smi.txt"
+stage check 120 "$PY" -c "import torch, cm_policy.cli
+from cm_policy.data import ReplayBuffer
+print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))
+print(ReplayBuffer.open('$DATA').n_episodes, 'episodes')" || exit 1
+
+stage probe 300 "$PY" -m cm_policy.cli train "${COMMON[@]}" "training.steps=$PROBE_STEPS" \
+  training.warmup_steps=1 "training.checkpoint_every=$PROBE_STEPS" "output_dir=$WORK/probe" \
+  || exit 1
+# Seconds per step from the probe's log: the last logged interval, past compilation.
+COST=$("$PY" -c "import json
+log = [json.loads(x) for x in open('$WORK/probe/train_log.jsonl')]
+a, b = log[-2], log[-1]
+print((b['wall_s'] - a['wall_s']) / (b['step'] - a['step']))")
+left=$((TOTAL - (SECONDS - START)))
+train_s=$((left - EVAL_RESERVE - MARGIN))
+STEPS=$("$PY" -c "print(max(0, int($train_s / $COST) // 100 * 100))")
+echo "step cost ${COST} s; ${train_s} s of training -> ${STEPS} steps" | tee -a "$OUT/stages.txt"
+[ "$STEPS" -ge 100 ] || { echo "only ${left} s left: no time to train"; exit 1; }
+
+stage train $((train_s + 60)) "$PY" -m cm_policy.cli train "${COMMON[@]}" "training.steps=$STEPS" \
+  training.warmup_steps=$((STEPS / 20)) "training.checkpoint_every=$STEPS" \
+  "output_dir=$WORK/run" || exit 1
+for steps in 1 2; do
+  left=$((TOTAL - (SECONDS - START) - 10))
+  stage "eval_steps$steps" "$left" "$PY" -m cm_policy.cli eval "checkpoint=$WORK/run" \
+    "steps=$steps" "n_episodes=$EPISODES" "n_envs=$N_ENVS" layout=async n_videos=2 \
+    "device=$DEVICE" progress=false "output_dir=$WORK/eval_steps$steps"
+done
