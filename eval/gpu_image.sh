@@ -49,18 +49,18 @@ COMMON=(task=pusht_image "task.dataset_path=$DATA" "model=$MODEL" method=isd
   training.num_threads=8 training.log_every=10 eval.progress=false)
 
 finish() {
-  "$PY" - "$WORK" "$OUT" "$MODEL" "$BATCH" "$LR" "$COMPILE" <<'EOF' || true
+  "$PY" - "$WORK" "$OUT" "$MODEL" "$BATCH" "$LR" "$COMPILE" "$AMP" <<'EOF' || true
 import json, sys
 from pathlib import Path
 from cm_policy.evaluation.machine import describe_machine
-work, out, model, batch, lr, compile_ = sys.argv[1:]
+work, out, model, batch, lr, compile_, amp = sys.argv[1:]
 work = Path(work)
 log = [json.loads(x) for x in (work / "run" / "train_log.jsonl").read_text().splitlines()] \
     if (work / "run" / "train_log.jsonl").exists() else []
 lines = ["# Image PushT on one GPU: iSD, one device allowance", "",
          f"Machine: {describe_machine()}.", "",
          f"Command: `bash eval/gpu_image.sh OUT` (model {model}, batch {batch}, lr {lr}, "
-         f"compile {compile_}, bf16 autocast + JVP derivative; the human PushT data).", ""]
+         f"compile {compile_}, bf16 autocast {amp}, JVP derivative; the human PushT data).", ""]
 if log:
     last = log[-1]
     lines.append(f"Training: {last['step']} steps in {last['wall_s'] / 60:.1f} min "
