@@ -42,9 +42,14 @@ commands:
        start_seed=100000 n_envs=2 n_videos=4 max_steps=N n_action_steps=N device=auto
        output_dir=DIR]                closed-loop evaluation of a checkpoint (config/eval)
   run [key=value ...]                 the end-to-end job: demos -> train -> eval -> report
-  serve checkpoint=PATH [host=127.0.0.1 port=8765 max_batch=64 batch_wait_ms=2 threads=1
-       max_infer_steps=100]           serve a checkpoint as a WebSocket action server
+  serve checkpoint=PATH | model=FILE.onnx [backend=auto host=127.0.0.1 port=8765 max_batch=64
+       batch_wait_ms=2 threads=1 max_infer_steps=100]
+                                      serve a checkpoint (torch) or an exported model (ONNX
+                                      Runtime, no torch) as a WebSocket action server
                                       (config/serve)
+  export checkpoint=PATH out=FILE.onnx [weights=ema steps=N sampler=KIND opset=18
+       exporter=auto]                 the whole predict_action (headline sampler) as one ONNX
+                                      graph with its spec in the metadata (config/export)
 """
 
 
@@ -182,21 +187,35 @@ def cmd_run(args: list[str]) -> Path:
 
 
 def cmd_serve(args: list[str]) -> None:
+    """Serve a checkpoint with torch, or an exported model with ONNX Runtime (imports no
+    torch: neither does anything this function imports on that path)."""
     from cm_policy.serve import server
+    from cm_policy.serve.backend import load_backend
 
     sc = group_config("serve", args)
-    policy, folder = load_checkpoint_policy(sc)
+    if not sc.checkpoint and not sc.model:
+        raise UsageError(
+            "needs checkpoint=PATH (a run, checkpoints or checkpoint folder) or model=FILE.onnx "
+            "(an exported policy: cm-policy export)"
+        )
+    backend = load_backend(
+        sc.backend,
+        checkpoint=sc.checkpoint,
+        model=sc.model,
+        weights=sc.weights,
+        device=sc.device,
+        threads=sc.threads,
+    )
 
     def announce(host: str, port: int) -> None:
         print(
-            f"serving {folder} ({policy.method.name}, {policy.method.headline}, "
-            f"{next(policy.parameters()).device}) on "
+            f"serving {backend.source} ({backend.describe()}) on "
             f"ws://{host}:{port}, health at http://{host}:{port}{server.HEALTH_PATH}",
             flush=True,
         )
 
     server.run_server(
-        policy,
+        backend,
         host=sc.host,
         port=sc.port,
         threads=sc.threads,
@@ -207,6 +226,33 @@ def cmd_serve(args: list[str]) -> None:
         max_message_bytes=int(sc.max_message_mb * 2**20),
         obs_limit=sc.obs_limit,
     )
+
+
+def cmd_export(args: list[str]) -> dict:
+    """Export a checkpoint's ``predict_action`` as an ONNX model (config/export)."""
+    from cm_policy.export import export_checkpoint
+
+    xc = group_config("export", args)
+    if not xc.checkpoint:
+        raise UsageError("needs checkpoint=PATH (a run, checkpoints or checkpoint folder)")
+    if not xc.out:
+        raise UsageError("needs out=FILE.onnx (where to write the model)")
+    meta = export_checkpoint(
+        xc.checkpoint,
+        xc.out,
+        weights=xc.weights,
+        steps=xc.steps,
+        sampler=xc.sampler,
+        opset=xc.opset,
+        exporter=xc.exporter,
+    )
+    shown = {k: v for k, v in meta.items() if k not in ("spec", "normalizer")}
+    print(json.dumps(shown, indent=2))
+    print(
+        f"wrote {xc.out}: {meta['method']} ({meta['sampler_label']}), inputs "
+        f"{meta['inputs']} -> {meta['output']}; serve it with cm-policy serve model={xc.out}"
+    )
+    return meta
 
 
 DEBUG_ENV = "CM_POLICY_DEBUG"
@@ -248,7 +294,7 @@ def run_command(argv: list[str]) -> Any:
     folder, metrics), errors raised as they are."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     parser = argparse.ArgumentParser(prog="cm-policy", usage=USAGE, add_help=True)
-    parser.add_argument("command", choices=["data", "train", "eval", "run", "serve"])
+    parser.add_argument("command", choices=["data", "train", "eval", "run", "serve", "export"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return
@@ -260,6 +306,7 @@ def run_command(argv: list[str]) -> Any:
         "eval": cmd_eval,
         "run": cmd_run,
         "serve": cmd_serve,
+        "export": cmd_export,
     }
     return commands[command](rest)
 

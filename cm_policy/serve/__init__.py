@@ -2,10 +2,14 @@
 
 Start it with ``cm-policy serve checkpoint=PATH [host=127.0.0.1 port=8765 max_batch=64
 batch_wait_ms=2 threads=1 max_infer_steps=100 max_message_mb=16 weights=ema]``
-(defaults: ``config/serve/default.yaml``). The server loads the
-checkpoint (safetensors + JSON), listens, warms up, then answers; ``GET /healthz`` on the same
-port returns 200 ``ok`` once it is ready and 503 while warming up or shutting down. SIGTERM (or
-Ctrl-C) stops new work, lets in-flight requests reply, closes the sessions and exits with 0.
+(defaults: ``config/serve/default.yaml``), or with ``cm-policy serve model=policy.onnx`` for a
+policy exported by ``cm-policy export`` (:mod:`cm_policy.export`), which ONNX Runtime runs
+without torch: that server imports no torch at all (``backend=auto`` picks onnx for ``model=`` or
+a ``.onnx`` path, torch otherwise; see :mod:`cm_policy.serve.backend`). The server loads the
+checkpoint (safetensors + JSON) or model, listens, warms up, then answers; ``GET /healthz`` on
+the same port returns 200 ``ok`` once it is ready and 503 while warming up or shutting down.
+SIGTERM (or Ctrl-C) stops new work, lets in-flight requests reply, closes the sessions and exits
+with 0.
 
 Protocol (version 1). Every message is a binary msgpack map with a ``type``; arrays travel as
 ``{"__ndarray__": true, "dtype": "float32", "shape": [...], "data": <raw little-endian bytes>}``.
@@ -13,7 +17,9 @@ Protocol (version 1). Every message is a binary msgpack map with a ``type``; arr
 - ``hello`` [``protocol``] -> ``metadata``: ``observations`` {key: {shape, dtype}}, ``action_dim``,
   ``horizon``, ``n_obs_steps``, ``n_action_steps``, ``control_hz``, ``method``,
   ``default_steps``, ``samplers``, ``default_sampler``, ``max_infer_steps``, ``max_batch``,
-  ``max_message_bytes``, ``obs_limit``, ``infer_modes``.
+  ``max_message_bytes``, ``obs_limit``, ``infer_modes``, ``backend`` (``torch`` | ``onnx``),
+  ``fixed_steps`` (the onnx backend's exported number of steps, the only one it runs; null for
+  torch).
 - ``reset`` -> starts an episode of this session: its window is emptied, and the next observation
   fills all ``n_obs_steps`` slots (as Diffusion Policy's runner does at env reset).
 - ``observe`` ``obs`` -> pushes one observation per key, (B, *shape) or unbatched (*shape).
@@ -24,8 +30,11 @@ Protocol (version 1). Every message is a binary msgpack map with a ``type``; arr
   from the session's window; ``mode="window"`` takes ``obs`` as the window itself,
   (B, >=n_obs_steps, *shape), and leaves the session's window alone. ``steps`` and ``sampler``
   override the method's number of network evaluations and sampler kind (one of the metadata's
-  ``samplers``); ``seed`` draws the noise from ``torch.Generator().manual_seed(seed)``, for
-  actions equal to the in-process policy's.
+  ``samplers``; the onnx backend refuses steps other than its ``fixed_steps``); ``seed`` draws
+  the noise from ``torch.Generator().manual_seed(seed)``, for actions equal to the in-process
+  policy's (bitwise with the torch backend; the onnx backend draws the same noise with numpy,
+  :mod:`cm_policy.serve.noise`, and its actions equal torch's to float rounding, about 1e-6 of
+  the action range).
 - ``health`` -> ``ready``, ``sessions``, ``in_flight``, ``requests``, ``passes``, ``refused``.
 
 Actions are never sent unless finite: a request whose rows give NaN or inf actions, or whose

@@ -5,11 +5,15 @@ request, then waits at most ``wait_s`` after its arrival for requests of other a
 (never when it is the only active one), and runs them as one batch of at most ``max_batch`` rows.
 
 Unseeded requests with the same number of steps share one ``predict_action`` call on their
-concatenated windows, their noise drawn from the server's generator. A request with its own seed
-runs in a pass of its own with ``torch.Generator().manual_seed(seed)``: its actions are then
-bitwise those of the in-process policy called with that generator on the same window, whatever
-else is queued (a batched pass would agree only to float rounding, as kernels sum in a different
-order at another batch size, and a method may draw noise for the batch as a whole).
+concatenated windows, their noise drawn from the backend's generator. A request with its own seed
+runs in a pass of its own with the backend's generator for that seed (torch:
+``torch.Generator().manual_seed(seed)``; onnx: the same noise drawn with numpy): with the torch
+backend its actions are then bitwise those of the in-process policy called with that generator on
+the same window, whatever else is queued (a batched pass would agree only to float rounding, as
+kernels sum in a different order at another batch size, and a method may draw noise for the
+batch as a whole).
+
+This module imports no torch: the backend brings its runtime.
 """
 
 from __future__ import annotations
@@ -20,14 +24,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
-from cm_policy.policy import ActionRefused
+from cm_policy.serve.backend import refusal
 
 Predict = Callable[..., np.ndarray]
 _STOP = object()
+
+
+def torch_generator(seed: int) -> Any:
+    """``torch.Generator().manual_seed(seed)``: the noise source of a seeded request of a torch
+    policy (imported here only when a seeded request comes)."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)
 
 
 class InferenceError(RuntimeError):
@@ -74,7 +86,7 @@ def _settle(future: asyncio.Future, outcome: InferResult | BaseException) -> Non
 
 class MicroBatcher:
     """Runs ``predict(window, steps=, generator=, sampler=)`` on a worker thread over queued
-    requests."""
+    requests; a seeded request's ``generator`` is ``seeded(seed)``."""
 
     def __init__(
         self,
@@ -83,12 +95,14 @@ class MicroBatcher:
         max_batch: int,
         wait_s: float,
         active_sessions: Callable[[], int],
+        seeded: Callable[[int], Any] = torch_generator,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if wait_s < 0:
             raise ValueError(f"the batch wait must be >= 0 s, got {wait_s}")
         self.predict = predict
+        self.seeded = seeded
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.active_sessions = active_sessions
@@ -143,8 +157,7 @@ class MicroBatcher:
             if request.seed is None:
                 shared.setdefault(setting, []).append(request)
             else:
-                generator = torch.Generator().manual_seed(request.seed)
-                self._forward([request], setting, generator)
+                self._forward([request], setting, self.seeded(request.seed))
         for setting, requests in shared.items():
             self._forward(requests, setting, None)
 
@@ -152,7 +165,7 @@ class MicroBatcher:
         self,
         requests: list[InferRequest],
         setting: tuple[int | None, str | None],
-        generator: torch.Generator | None,
+        generator: Any,
     ) -> None:
         steps, sampler = setting
         started = time.perf_counter()
@@ -163,12 +176,13 @@ class MicroBatcher:
                 generator=generator,
                 sampler=sampler,
             )
-        except ActionRefused as exc:  # refuse the requests with a bad row, answer the others
-            action, reasons = exc.actions, exc.reasons
-        except Exception as exc:  # a failed pass fails its requests, never the worker
-            for request in requests:
-                request.settle(InferenceError(f"inference failed: {exc}"))
-            return
+        except Exception as exc:
+            refused = refusal(exc)  # ActionRefused: refuse the requests with a bad row
+            if refused is None:  # a failed pass fails its requests, never the worker
+                for request in requests:
+                    request.settle(InferenceError(f"inference failed: {exc}"))
+                return
+            action, reasons = refused
         else:
             reasons = [None] * len(action)
         compute_ms = (time.perf_counter() - started) * 1e3

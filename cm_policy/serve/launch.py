@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 90.0
@@ -33,16 +34,27 @@ def healthz(port: int, host: str = "127.0.0.1") -> int:
 
 
 def spawn_server(
-    checkpoint: str | Path, log: Path, *options: str, port: int | None = None
+    checkpoint: str | Path,
+    log: Path,
+    *options: str,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen, int]:
     """``cm-policy serve`` on 127.0.0.1 in a subprocess, returned once /healthz answers 200.
 
-    ``options`` are further ``key=value`` arguments of ``cm-policy serve``; the server's output
+    ``checkpoint``: a checkpoint (torch backend) or an exported ``.onnx`` model (served with
+    ``model=``, by ONNX Runtime). ``options`` are further ``key=value`` arguments of
+    ``cm-policy serve``; ``env``: variables added to the server's environment; the server's output
     goes to ``log``. OMP_NUM_THREADS defaults to 1 so the server's torch uses its ``threads``.
     """
     port = port or free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, "-m", "cm_policy.cli", "serve", f"checkpoint={checkpoint}"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        **(env or {}),
+    }
+    source = "model" if str(checkpoint).endswith(".onnx") else "checkpoint"
+    command = [sys.executable, "-m", "cm_policy.cli", "serve", f"{source}={checkpoint}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [*command, f"port={port}", *options], env=env, stdout=out, stderr=subprocess.STDOUT

@@ -2,7 +2,9 @@
 
 See :mod:`cm_policy.serve` for the protocol. Each connection is a session with its own
 observation history; ``infer`` requests go to a :class:`~cm_policy.serve.batching.MicroBatcher`
-so that inference runs off the event loop, batched across sessions.
+so that inference runs off the event loop, batched across sessions. The policy is a
+:class:`~cm_policy.serve.backend.Backend` (torch, or ONNX Runtime without torch); this module
+imports no torch itself.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from cm_policy.evaluation.runner import push_obs, stack_obs
-from cm_policy.policy import Policy
+from cm_policy.serve.backend import Backend, TorchBackend
 from cm_policy.serve.batching import InferenceError, InferRequest, InferResult, MicroBatcher
 from cm_policy.serve.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -38,7 +39,6 @@ from cm_policy.serve.protocol import (
     pack,
     unpack,
 )
-from cm_policy.tasks import load_task
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ TRANSPORT_SIZE_FACTOR = 2
 ACTIVE_SESSION_S = 1.0
 WARMUP_PASSES = 3
 SHUTDOWN_GRACE_S = 30.0
-LOW_DIM_DTYPE, IMAGE_DTYPE = "float32", "uint8"
 MAX_SEED = 2**63 - 1
 DEFAULT_INFER_MODE = "step"
 ORDER = "hello, then reset before step-mode observe/infer (window-mode infer needs only hello)"
@@ -83,11 +82,15 @@ class Session:
 
 
 class PolicyServer:
-    """Serves one policy to many sessions; run it with :meth:`serve`."""
+    """Serves one policy to many sessions; run it with :meth:`serve`.
+
+    ``policy``: a :class:`~cm_policy.serve.backend.Backend`, or a torch
+    :class:`~cm_policy.policy.Policy` (served by a :class:`TorchBackend`).
+    """
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Any,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
@@ -95,45 +98,36 @@ class PolicyServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         obs_limit: float | None = None,
     ):
-        self.policy = policy.eval()
-        policy.set_obs_limit(obs_limit)
+        self.backend: Backend = policy if isinstance(policy, Backend) else TorchBackend(policy)
+        self.backend.set_obs_limit(obs_limit)
         self.max_batch = max_batch
         self.max_infer_steps = max_infer_steps
         self.max_message_bytes = max_message_bytes
-        task = policy.spec["task"]
-        self.obs_spec: dict[str, tuple[tuple[int, ...], str]] = {
-            k: ((d,), LOW_DIM_DTYPE) for k, d in policy.low_dim.items()
-        }
-        self.obs_spec.update(
-            {k: (tuple(task["image_shape"]), IMAGE_DTYPE) for k in policy.image_keys}
-        )
+        self.n_obs_steps = self.backend.n_obs_steps
+        self.obs_spec: dict[str, tuple[tuple[int, ...], str]] = dict(self.backend.obs_spec)
+        policy_fields = dict(self.backend.metadata)
         self.metadata = {
             "protocol": PROTOCOL_VERSION,
-            "task": task.get("name"),
+            "task": policy_fields.pop("task"),
             "observations": {
                 k: {"shape": list(shape), "dtype": dtype}
                 for k, (shape, dtype) in self.obs_spec.items()
             },
-            "action_dim": policy.action_dim,
-            "horizon": policy.horizon,
-            "n_obs_steps": policy.n_obs_steps,
-            "n_action_steps": policy.n_action_steps,
-            "control_hz": load_task(task).control_hz,
-            "method": policy.method.name,
-            "default_steps": policy.method.default_steps,
-            "samplers": list(policy.method.samplers),
-            "default_sampler": policy.method.default_sampler,
+            **policy_fields,
             "max_infer_steps": max_infer_steps,
             "max_batch": max_batch,
             "max_message_bytes": max_message_bytes,
             "obs_limit": obs_limit,
             "infer_modes": list(INFER_MODES),
+            "backend": self.backend.name,
+            "fixed_steps": self.backend.fixed_steps,
         }
         self.batcher = MicroBatcher(
-            policy.predict_action,
+            self.backend.predict_action,
             max_batch=max_batch,
             wait_s=batch_wait_ms / 1e3,
             active_sessions=self.active_sessions,
+            seeded=self.backend.generator,
         )
         self.sessions: set[Session] = set()
         self.pending: set[asyncio.Future] = set()
@@ -174,11 +168,11 @@ class PolicyServer:
 
     def _warm_up(self) -> None:
         window = {
-            k: np.zeros((1, self.policy.n_obs_steps, *shape), dtype=dtype)
+            k: np.zeros((1, self.n_obs_steps, *shape), dtype=dtype)
             for k, (shape, dtype) in self.obs_spec.items()
         }
         for _ in range(WARMUP_PASSES):
-            self.policy.predict_action(window)
+            self.backend.predict_action(window)
 
     async def _drain(self, server: Server) -> None:
         """Refuse new work, let queued and running requests reply, then close connections."""
@@ -291,7 +285,7 @@ class PolicyServer:
                     got="unbatched" if unbatched else f"batch {got}",
                 )
         session.unbatched = unbatched
-        session.push(obs, self.policy.n_obs_steps)
+        session.push(obs, self.n_obs_steps)
 
     async def _infer(
         self,
@@ -309,10 +303,17 @@ class PolicyServer:
             raise ProtocolError("unknown infer mode", expected=list(INFER_MODES), got=repr(mode))
         steps = _optional_int(message, "steps", 1, self.max_infer_steps)
         seed = _optional_int(message, "seed", 0, MAX_SEED)
-        sampler = message.get("sampler")
-        if sampler is not None and sampler not in self.policy.method.samplers:
+        fixed = self.backend.fixed_steps
+        if steps is not None and fixed is not None and steps != fixed:
             raise ProtocolError(
-                "unknown sampler", expected=list(self.policy.method.samplers), got=repr(sampler)
+                "this server's model runs a fixed number of steps (an ONNX export)",
+                expected=f"steps={fixed} or none",
+                got=steps,
+            )
+        sampler = message.get("sampler")
+        if sampler is not None and sampler not in self.backend.samplers:
+            raise ProtocolError(
+                "unknown sampler", expected=list(self.backend.samplers), got=repr(sampler)
             )
         if mode == "step":
             self._observe(session, message["obs"])
@@ -322,7 +323,7 @@ class PolicyServer:
             unbatched = session.unbatched
         else:
             obs, _ = self._read_obs(message["obs"], "window")
-            window = {k: v[:, -self.policy.n_obs_steps :].copy() for k, v in obs.items()}
+            window = {k: v[:, -self.n_obs_steps :].copy() for k, v in obs.items()}
             unbatched = False
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -365,7 +366,7 @@ class PolicyServer:
             raise ProtocolError(
                 "wrong observation keys", expected=expected_keys, got=key_names(obj)
             )
-        n_obs = self.policy.n_obs_steps
+        n_obs = self.n_obs_steps
         obs, lead_shapes = {}, set()
         for key, (shape, dtype) in self.obs_spec.items():
             name = f"obs[{key!r}]"
@@ -424,7 +425,7 @@ def _bound_port(server: Server) -> int:
 
 
 def run_server(
-    policy: Policy,
+    policy: Any,
     *,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
@@ -432,6 +433,8 @@ def run_server(
     on_ready: Callable[[str, int], None] | None = None,
     **options: Any,
 ) -> None:
-    """Serve ``policy`` until SIGTERM/SIGINT; ``options`` go to :class:`PolicyServer`."""
-    torch.set_num_threads(threads)
-    asyncio.run(PolicyServer(policy, **options).serve(host, port, on_ready))
+    """Serve ``policy`` (a Backend or a torch Policy) until SIGTERM/SIGINT with ``threads``
+    inference threads; ``options`` go to :class:`PolicyServer`."""
+    backend = policy if isinstance(policy, Backend) else TorchBackend(policy)
+    backend.set_threads(threads)
+    asyncio.run(PolicyServer(backend, **options).serve(host, port, on_ready))
