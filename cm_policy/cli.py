@@ -35,6 +35,8 @@ commands:
   data convert TASK IN [IN2 ...] OUT [key=value ...]
        robomimic IN.hdf5 ... OUT.zarr [abs_action=false image=false filter_key=NAME]
                                       robomimic HDF5 datasets (one task) as one zarr buffer
+       lerobot SRC [SRC2 ...] OUT.zarr [keys=a,b resize=H,W overwrite=false]
+                                      local LeRobotDatasets (v3.0, v2.1) as one zarr buffer
   train [task=... method=... model=... key=value ...]
                                       train a policy (Hydra overrides of config/config.yaml);
                                       data-parallel under torchrun --nproc_per_node=N

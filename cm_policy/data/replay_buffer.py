@@ -6,6 +6,7 @@ new datasets are written as zarr v3 with Blosc/zstd compression.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -529,4 +530,18 @@ def describe(path: str | Path) -> str:
             f"chunks {tuple(arr.chunks)}, compressor {_format_compressor(arr)}, "
             f"{_format_range(arr)}"
         )
+    attrs = _root_attrs(path)
+    if attrs:
+        # Where the data came from, as a converter recorded it (e.g. a LeRobot dataset's path,
+        # version, fps and original feature names).
+        lines.append("attributes:")
+        for key, value in attrs.items():
+            text = json.dumps(value, default=str)
+            lines.append(f"  {key}: {text if len(text) <= 300 else text[:297] + '...'}")
     return "\n".join(lines)
+
+
+def _root_attrs(path: str | Path) -> dict:
+    from zarr.storage import LocalStore
+
+    return dict(zarr.open_group(LocalStore(Path(path), read_only=True), mode="r").attrs)
