@@ -225,7 +225,7 @@ def write_runner_report(args: argparse.Namespace, rows: list[tuple[str, int, int
         "",
         f"Command: `{cmd}`",
         "",
-        f"- Machine: {describe_machine()}; load average before the run "
+        f"- Machine: {describe_machine()}; load average when the runs ended "
         f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min).",
         f"- Policy: `{args.policy}`; {args.episodes} episodes per configuration (test seeds from "
         "100000, at most 300 steps), each configuration in a fresh process, one after another.",
