@@ -15,6 +15,7 @@ from cm_policy.methods import Method, make_method
 from cm_policy.methods.base import Generators
 from cm_policy.models.encoders import ImageEncoder, LowDimEncoder
 from cm_policy.models.unet import ConditionalUnet1D
+from cm_policy.observations import ActionRefused, check_obs, check_obs_limit, refusal_reasons
 
 
 class Policy(nn.Module):
@@ -98,20 +99,7 @@ class Policy(nn.Module):
         """Raise a ValueError naming what was expected when ``obs`` does not fit this policy."""
         expected = {k: (d,) for k, d in self.low_dim.items()}
         expected.update({k: tuple(self.spec["task"]["image_shape"]) for k in self.image_keys})
-        missing = sorted(set(expected) - set(obs))
-        if missing:
-            raise ValueError(f"observation is missing keys {missing}; expected {sorted(expected)}")
-        batch = None
-        for key, tail in expected.items():
-            shape = tuple(np.shape(obs[key]))
-            if len(shape) != 2 + len(tail) or shape[2:] != tail or shape[1] < self.n_obs_steps:
-                raise ValueError(
-                    f"obs[{key!r}] must have shape (batch, >={self.n_obs_steps}, "
-                    f"{', '.join(map(str, tail))}), got {shape}"
-                )
-            if batch is not None and shape[0] != batch:
-                raise ValueError(f"obs[{key!r}] has batch {shape[0]}, other keys have {batch}")
-            batch = shape[0]
+        check_obs(obs, expected, self.n_obs_steps)
 
     @torch.no_grad()
     def predict_action(
@@ -160,42 +148,14 @@ class Policy(nn.Module):
     ) -> list[str | None]:
         """Per batch row, why its actions must not be sent (None: they may): observations
         beyond ``obs_limit`` (in normalised units, where the training range is [-1, 1]), or
-        actions that are not finite."""
-        reasons: list[str | None] = [None] * len(actions)
-        if self.obs_limit is not None:
-            for key in self.low_dim:
-                peak = normalized[key].abs().flatten(1).amax(dim=1).cpu().numpy()
-                for row in np.flatnonzero(peak > self.obs_limit):
-                    reasons[row] = reasons[row] or (
-                        f"observation {key!r} lies {peak[row]:.3g} half-ranges of the "
-                        f"training data from its middle; this policy accepts up to "
-                        f"{self.obs_limit:g} (obs_limit)"
-                    )
-        finite = np.isfinite(actions).reshape(len(actions), -1).all(axis=1)
-        for row in np.flatnonzero(~finite):
-            reasons[row] = reasons[row] or (
-                "the policy computed non-finite actions (NaN or inf), most likely from "
-                "observation values far outside the training range"
-            )
-        return reasons
+        actions that are not finite (:func:`cm_policy.observations.refusal_reasons`)."""
+        peaks = {k: normalized[k].abs().flatten(1).amax(dim=1).cpu().numpy() for k in self.low_dim}
+        return refusal_reasons(peaks, self.obs_limit, actions)
 
     def set_obs_limit(self, limit: float | None) -> None:
         """Refuse observations more than ``limit`` half-ranges of the training data from its
         middle (normalised |value| > limit; 1 is the training range itself); None: no limit."""
-        if limit is not None and not limit >= 1.0:
-            raise ValueError(f"obs_limit must be >= 1 (the training range) or None, got {limit}")
-        self.obs_limit = None if limit is None else float(limit)
-
-
-class ActionRefused(ValueError):
-    """``predict_action`` computed actions that must not be sent: ``reasons[i]`` says why for
-    batch row i (None where the row is fine); ``actions`` holds every row, as computed."""
-
-    def __init__(self, reasons: list[str | None], actions: np.ndarray):
-        bad = [i for i, r in enumerate(reasons) if r]
-        first = reasons[bad[0]]
-        super().__init__(f"actions refused for batch rows {bad}: {first}")
-        self.reasons, self.actions = reasons, actions
+        self.obs_limit = check_obs_limit(limit)
 
 
 NOISE_MODES = "random | zero | mean:K"

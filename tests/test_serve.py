@@ -466,7 +466,7 @@ def test_server_obs_limit_refuses_far_observations(checkpoint: Path, tmp_path: P
 
 def test_batcher_answers_the_good_rows_of_a_refused_pass():
     """A pass whose batch holds a refused row answers the other requests of the batch."""
-    from cm_policy.policy import ActionRefused
+    from cm_policy.observations import ActionRefused
 
     def predict(window, steps=None, generator=None, sampler=None):
         x = window["x"][:, -1]

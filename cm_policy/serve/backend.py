@@ -1,9 +1,9 @@
 """What the server runs: a policy behind one small interface, in torch or in ONNX Runtime.
 
 A :class:`Backend` has the server's metadata of the policy, the observation spec, and
-``predict_action(window, steps=, generator=, sampler=)`` returning raw actions or raising an
-``ActionRefused`` (reasons per batch row); ``generator(seed)`` makes the noise source of a seeded
-request. Two backends:
+``predict_action(window, steps=, generator=, sampler=)`` returning raw actions or raising
+:class:`cm_policy.observations.ActionRefused` (reasons per batch row); ``generator(seed)`` makes
+the noise source of a seeded request. Two backends:
 
 - :class:`TorchBackend`: a :class:`cm_policy.policy.Policy` from a checkpoint; a seed draws from
   ``torch.Generator().manual_seed(seed)``;
@@ -26,25 +26,6 @@ import numpy as np
 
 LOW_DIM_DTYPE, IMAGE_DTYPE = "float32", "uint8"
 BACKENDS = ("auto", "torch", "onnx")
-
-
-class ActionRefused(ValueError):
-    """Actions that must not be sent: ``reasons[i]`` says why for batch row i (None where the row
-    is fine); ``actions`` holds every row, as computed. The torch-free twin of
-    :class:`cm_policy.policy.ActionRefused`, with the same fields (the server takes either)."""
-
-    def __init__(self, reasons: list[str | None], actions: np.ndarray):
-        bad = [i for i, r in enumerate(reasons) if r]
-        super().__init__(f"actions refused for batch rows {bad}: {reasons[bad[0]]}")
-        self.reasons, self.actions = reasons, actions
-
-
-def refusal(exc: BaseException) -> tuple[np.ndarray, list[str | None]] | None:
-    """(actions, reasons per row) of an ``ActionRefused`` from either backend, else None."""
-    reasons, actions = getattr(exc, "reasons", None), getattr(exc, "actions", None)
-    if isinstance(exc, ValueError) and isinstance(reasons, list) and actions is not None:
-        return np.asarray(actions), reasons
-    return None
 
 
 class Backend(ABC):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cm_policy.serve.backend import refusal
+from cm_policy.observations import ActionRefused
 
 Predict = Callable[..., np.ndarray]
 _STOP = object()
@@ -176,13 +176,12 @@ class MicroBatcher:
                 generator=generator,
                 sampler=sampler,
             )
-        except Exception as exc:
-            refused = refusal(exc)  # ActionRefused: refuse the requests with a bad row
-            if refused is None:  # a failed pass fails its requests, never the worker
-                for request in requests:
-                    request.settle(InferenceError(f"inference failed: {exc}"))
-                return
-            action, reasons = refused
+        except ActionRefused as exc:  # refuse the requests with a bad row, answer the others
+            action, reasons = np.asarray(exc.actions), exc.reasons
+        except Exception as exc:  # a failed pass fails its requests, never the worker
+            for request in requests:
+                request.settle(InferenceError(f"inference failed: {exc}"))
+            return
         else:
             reasons = [None] * len(action)
         compute_ms = (time.perf_counter() - started) * 1e3

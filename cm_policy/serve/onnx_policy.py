@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cm_policy.serve.backend import ActionRefused
+from cm_policy.observations import ActionRefused, check_obs, check_obs_limit, refusal_reasons
 from cm_policy.serve.noise import TorchGenerator
 
 METADATA_KEY = "cm_policy"  # the model's metadata_props entry (cm_policy.export.METADATA_KEY)
@@ -170,27 +170,12 @@ class OnnxPolicy:
     def set_obs_limit(self, limit: float | None) -> None:
         """As :meth:`Policy.set_obs_limit`: refuse observations more than ``limit`` half-ranges
         of the training data from its middle (None: no limit)."""
-        if limit is not None and not limit >= 1.0:
-            raise ValueError(f"obs_limit must be >= 1 (the training range) or None, got {limit}")
-        self.obs_limit = None if limit is None else float(limit)
+        self.obs_limit = check_obs_limit(limit)
 
     def check_obs(self, obs: Mapping[str, Any]) -> None:
         """Raise a ValueError naming what was expected when ``obs`` does not fit this policy."""
         expected = {k: shape for k, (shape, _) in self.observations.items()}
-        missing = sorted(set(expected) - set(obs))
-        if missing:
-            raise ValueError(f"observation is missing keys {missing}; expected {sorted(expected)}")
-        batch = None
-        for key, tail in expected.items():
-            shape = tuple(np.shape(obs[key]))
-            if len(shape) != 2 + len(tail) or shape[2:] != tail or shape[1] < self.n_obs_steps:
-                raise ValueError(
-                    f"obs[{key!r}] must have shape (batch, >={self.n_obs_steps}, "
-                    f"{', '.join(map(str, tail))}), got {shape}"
-                )
-            if batch is not None and shape[0] != batch:
-                raise ValueError(f"obs[{key!r}] has batch {shape[0]}, other keys have {batch}")
-            batch = shape[0]
+        check_obs(obs, expected, self.n_obs_steps)
 
     def draw_noise(self, batch: int, generator: Any = None) -> np.ndarray:
         """Initial noise (batch, horizon, action_dim) float32 from ``generator`` (see the
@@ -264,23 +249,10 @@ class OnnxPolicy:
         return actions
 
     def refusals(self, window: Mapping[str, np.ndarray], actions: np.ndarray) -> list[str | None]:
-        """Per batch row, why its actions must not be sent (None: they may), with the messages
-        of :meth:`Policy.refusals`."""
-        reasons: list[str | None] = [None] * len(actions)
-        if self.obs_limit is not None:
-            for key in self.low_dim:
-                scale, offset = self.normalizer[key]
-                peak = np.abs(window[key] * scale + offset).reshape(len(actions), -1).max(axis=1)
-                for row in np.flatnonzero(peak > self.obs_limit):
-                    reasons[row] = reasons[row] or (
-                        f"observation {key!r} lies {peak[row]:.3g} half-ranges of the "
-                        f"training data from its middle; this policy accepts up to "
-                        f"{self.obs_limit:g} (obs_limit)"
-                    )
-        finite = np.isfinite(actions).reshape(len(actions), -1).all(axis=1)
-        for row in np.flatnonzero(~finite):
-            reasons[row] = reasons[row] or (
-                "the policy computed non-finite actions (NaN or inf), most likely from "
-                "observation values far outside the training range"
-            )
-        return reasons
+        """Per batch row, why its actions must not be sent (None: they may), as
+        :meth:`Policy.refusals` decides."""
+        peaks = {}
+        for key in self.low_dim:
+            scale, offset = self.normalizer[key]
+            peaks[key] = np.abs(window[key] * scale + offset).reshape(len(actions), -1).max(axis=1)
+        return refusal_reasons(peaks, self.obs_limit, actions)

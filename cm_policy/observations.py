@@ -1,0 +1,72 @@
+"""Checks every policy backend applies to an observation window and its actions (numpy only,
+so that the torch :class:`~cm_policy.policy.Policy` and the ONNX Runtime
+:class:`~cm_policy.serve.onnx_policy.OnnxPolicy` refuse the same requests with the same words)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+class ActionRefused(ValueError):
+    """``predict_action`` computed actions that must not be sent: ``reasons[i]`` says why for
+    batch row i (None where the row is fine); ``actions`` holds every row, as computed."""
+
+    def __init__(self, reasons: list[str | None], actions: np.ndarray):
+        bad = [i for i, r in enumerate(reasons) if r]
+        super().__init__(f"actions refused for batch rows {bad}: {reasons[bad[0]]}")
+        self.reasons, self.actions = reasons, actions
+
+
+def check_obs(
+    obs: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], n_obs_steps: int
+) -> None:
+    """Raise a ValueError naming what was expected when ``obs`` does not hold, for every key of
+    ``expected``, an array (batch, >= n_obs_steps, *shape) with one batch size for all keys."""
+    missing = sorted(set(expected) - set(obs))
+    if missing:
+        raise ValueError(f"observation is missing keys {missing}; expected {sorted(expected)}")
+    batch = None
+    for key, tail in expected.items():
+        shape = tuple(np.shape(obs[key]))
+        if len(shape) != 2 + len(tail) or shape[2:] != tail or shape[1] < n_obs_steps:
+            raise ValueError(
+                f"obs[{key!r}] must have shape (batch, >={n_obs_steps}, "
+                f"{', '.join(map(str, tail))}), got {shape}"
+            )
+        if batch is not None and shape[0] != batch:
+            raise ValueError(f"obs[{key!r}] has batch {shape[0]}, other keys have {batch}")
+        batch = shape[0]
+
+
+def check_obs_limit(limit: float | None) -> float | None:
+    """An ``obs_limit`` (half-ranges of the training data from its middle), validated."""
+    if limit is not None and not limit >= 1.0:
+        raise ValueError(f"obs_limit must be >= 1 (the training range) or None, got {limit}")
+    return None if limit is None else float(limit)
+
+
+def refusal_reasons(
+    peaks: Mapping[str, np.ndarray], obs_limit: float | None, actions: np.ndarray
+) -> list[str | None]:
+    """Per batch row, why its actions must not be sent (None: they may): an observation key
+    whose largest normalised |value| (``peaks[key]``, per row; the training range is [-1, 1])
+    exceeds ``obs_limit``, or actions that are not finite."""
+    reasons: list[str | None] = [None] * len(actions)
+    if obs_limit is not None:
+        for key, peak in peaks.items():
+            for row in np.flatnonzero(peak > obs_limit):
+                reasons[row] = reasons[row] or (
+                    f"observation {key!r} lies {peak[row]:.3g} half-ranges of the "
+                    f"training data from its middle; this policy accepts up to "
+                    f"{obs_limit:g} (obs_limit)"
+                )
+    finite = np.isfinite(actions).reshape(len(actions), -1).all(axis=1)
+    for row in np.flatnonzero(~finite):
+        reasons[row] = reasons[row] or (
+            "the policy computed non-finite actions (NaN or inf), most likely from "
+            "observation values far outside the training range"
+        )
+    return reasons
