@@ -393,9 +393,11 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     command = f"python eval/campaign.py {args.plan}"
     costs = measured_costs(plan, root)
-    todo = [
-        (plan, r, s, root, costs) for r in plan.runs for s in r.seeds if pending(plan, r, s, costs)
-    ]
+    # Seed by seed, so that every run's first seed is done (and comparable) before second seeds.
+    pairs = sorted(
+        ((r, s) for r in plan.runs for s in r.seeds), key=lambda rs: plan.seed_index(rs[1])
+    )
+    todo = [(plan, r, s, root, costs) for r, s in pairs if pending(plan, r, s, costs)]
     if todo and not args.report_only:
         started = time.time()
         print(f"{len(todo)} (run, seed) pairs to do with {args.jobs} jobs -> {root}", flush=True)
