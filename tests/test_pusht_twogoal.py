@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from tiny_config import TINY
 
 from cm_policy.envs.pusht import COLOR_GOAL, coverage_of, tee_geometry
 from cm_policy.envs.pusht_planner import goal_choice, plan_episode
@@ -117,13 +118,8 @@ def test_generate_train_and_evaluate_with_mode_metrics(tmp_path):
             "train",
             "task=pusht_twogoal",
             f"task.dataset_path={data}",
-            "model=unet_tiny",
-            "model.down_dims=[16,32]",
-            "model.time_embed_dim=16",
+            *TINY,
             "training.steps=2",
-            "training.batch_size=8",
-            "training.warmup_steps=1",
-            "training.num_threads=1",
             f"output_dir={run}",
         ]
     )

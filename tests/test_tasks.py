@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_config import TINY
 
 from cm_policy.cli import run_command
 from cm_policy.tasks import load_task, task_types
@@ -62,13 +63,8 @@ def test_dataset_task_trains_on_named_keys(tmp_path: Path):
             "~task.low_dim",
             "+task.low_dim={observation_state: 3}",
             "+task.control_hz=30",
-            "model=unet_tiny",
-            "model.down_dims=[16,32]",
-            "model.time_embed_dim=16",
+            *TINY,
             "training.steps=2",
-            "training.batch_size=8",
-            "training.warmup_steps=1",
-            "training.num_threads=1",
             f"output_dir={run}",
         ]
     )
