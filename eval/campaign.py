@@ -1,6 +1,7 @@
 """Campaigns: long comparisons at equal training compute, resumable at any moment.
 
     python eval/campaign.py eval/plans/pusht_recipe.yaml [--jobs 2] [--root DIR] [--report-only]
+    python eval/campaign.py PLAN --device cuda --jobs 8 --threads 2 --n-envs 250 --results DIR
 
 A plan (YAML) lists runs (a name, a method, training seeds, config overrides, sampler settings)
 that share a task, a dataset, common overrides and a list of marks in minutes of one-thread
@@ -21,14 +22,22 @@ training compute. Each invocation:
 Training state lives under ``--root`` (default ``runs/<name>``, git-ignored; weights are never
 committed); the evaluations live in ``<results>/cache/*.json``, small files meant to be committed,
 so a campaign whose run folders are lost still reports what it measured.
+
+On a GPU (``--device cuda``, ``eval/gpu_campaign.sh``) the same plan trains to the same steps
+(the marks come from the CPU step costs in ``step_costs.json``, copied along when ``--results``
+points elsewhere), so the GPU curves share the CPU campaign's x-axis; each cache records the
+machine and the setup that produced it, and the report names them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -72,9 +81,13 @@ class Plan:
     rate_metrics: list[str] = field(default_factory=list)
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        # Fixed when the plan is read, so that a subset of its runs (--runs) keeps the test blocks.
+        self.all_seeds = sorted({s for r in self.runs for s in r.seeds})
+
     def seed_index(self, seed: int) -> int:
         """Training seed k evaluates on the k-th block of test episodes."""
-        return sorted({s for r in self.runs for s in r.seeds}).index(seed)
+        return self.all_seeds.index(seed)
 
     @staticmethod
     def load(path: Path) -> Plan:
@@ -92,7 +105,24 @@ class Plan:
         return Plan(runs=runs, **raw)
 
 
-def run_overrides(plan: Plan, run: RunSpec, seed: int, run_dir: Path) -> list[str]:
+@dataclass
+class Setup:
+    """Where the work runs: torch threads per job, the device, envs per evaluation batch."""
+
+    jobs: int = 2
+    threads: int = 1
+    device: str = "cpu"
+    n_envs: int | None = None  # None: the plan's
+
+    def describe(self) -> str:
+        where = "on the GPU" if self.device.startswith("cuda") else "on the CPU"
+        return f"{self.jobs} jobs x {self.threads} torch thread(s), training and policy {where}"
+
+
+def run_overrides(
+    plan: Plan, run: RunSpec, seed: int, run_dir: Path, setup: Setup | None = None
+) -> list[str]:
+    setup = setup or Setup()
     # A relative dataset path is relative to the repository, wherever the campaign runs from.
     dataset = [f"task.dataset_path={(REPO / plan.dataset).resolve()}"] if plan.dataset else []
     return [
@@ -103,7 +133,8 @@ def run_overrides(plan: Plan, run: RunSpec, seed: int, run_dir: Path) -> list[st
         *run.overrides,
         f"seed={seed}",
         f"output_dir={run_dir}",
-        "training.num_threads=1",
+        f"training.num_threads={setup.threads}",
+        f"training.device={setup.device}",
         f"training.checkpoint_every={plan.grain}",
         "training.keep_checkpoints=0",
         "training.eval_every=0",
@@ -164,23 +195,47 @@ def pending(plan: Plan, run: RunSpec, seed: int, costs: dict[str, float]) -> boo
     return not (cache.get("final") and all(str(s) in cache["marks"] for s in steps))
 
 
-def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
+_TRAINING: subprocess.Popen | None = None  # a worker's training run in progress
+
+
+def _worker_init() -> None:
+    """A worker stopped by SIGTERM (the campaign under a time limit) stops its training run too;
+    the run's checkpoints are written atomically, so the next invocation resumes from the last."""
+
+    def stop(signum: int, frame: Any) -> None:
+        # Signal only: the handler may interrupt _TRAINING.wait(), whose lock it cannot take.
+        if _TRAINING is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(_TRAINING.pid, signal.SIGTERM)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
     """Train one (run, seed) mark by mark, evaluating each mark; returns a status line."""
-    plan, run, seed, root, costs = args
+    global _TRAINING
+    plan, run, seed, root, costs, setup = args
     import torch
 
     from cm_policy.checkpoint import load_policy
+    from cm_policy.evaluation.machine import describe_machine
     from cm_policy.evaluation.measure import chunk_latency_ms, evaluate_entry, grad_stats, read_log
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(setup.threads)
+    n_envs = setup.n_envs or plan.n_envs
     run_dir = root / f"{run.name}_s{seed}"
     path = cache_path(plan, run, seed)
     cache = read_cache(path)
+    # Who measured what: a cache filled on two machines lists both.
+    made_by = f"{describe_machine()}; {setup.describe()}"
+    if made_by not in cache.setdefault("machines", []):
+        cache["machines"].append(made_by)
     steps = mark_steps(plan, costs[run.name])
     first = plan.test_start + plan.seed_index(seed) * plan.episodes_per_seed
     seeds = list(range(first, first + plan.episodes_per_seed))
     cli = [sys.executable, "-m", "cm_policy.cli", "train"]
-    base = [*run_overrides(plan, run, seed, run_dir), f"training.steps={steps[-1]}"]
+    base = [*run_overrides(plan, run, seed, run_dir, setup), f"training.steps={steps[-1]}"]
     log_file = root / f"{run.name}_s{seed}.log"
     for minutes, step in zip(plan.marks_min, steps, strict=True):
         key = str(step)
@@ -196,27 +251,29 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
         if not checkpoint.is_dir():
             resume = [f"resume={run_dir}"] if reached else []
             with open(log_file, "a") as log:
-                done = subprocess.run(
+                _TRAINING = subprocess.Popen(
                     [*cli, *base, f"training.stop_after={step}", *resume],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"},
-                    check=False,
+                    env={**os.environ, "OMP_NUM_THREADS": str(setup.threads)},
                 )
-            if done.returncode or not checkpoint.is_dir():
+                returncode = _TRAINING.wait()
+                _TRAINING = None
+            if returncode or not checkpoint.is_dir():
                 return f"{run.name} s{seed}: training to step {step} failed (see {log_file})"
-        policy = load_policy(checkpoint, weights="ema", device="cpu")
+        policy = load_policy(checkpoint, weights="ema", device=setup.device)
         entries = {}
         for label in samplers_of(run):
             out = run_dir / "eval" / f"step{step}_{label.replace(':', '')}"
-            entries[label] = evaluate_entry(policy, label, seeds, out, plan.n_envs, layout="sync")
+            entries[label] = evaluate_entry(policy, label, seeds, out, n_envs, layout="sync")
             episodes = json.loads((out / "episodes.json").read_text())
             if episodes and episodes[0].get("outcome"):  # kept for figures of where runs end
                 entries[label]["outcomes"] = [e["outcome"] for e in episodes]
         cache["marks"][key] = {"minutes": minutes, "entries": entries}
         write_atomic(path, cache)
     if not cache.get("final"):
-        policy = load_policy(run_dir / "checkpoints" / f"step_{steps[-1]:07d}", weights="ema")
+        last = run_dir / "checkpoints" / f"step_{steps[-1]:07d}"
+        policy = load_policy(last, weights="ema", device=setup.device)
         headline = policy.method.headline
         final: dict[str, Any] = {"headline": headline, "latency_ms": {}, "noise": {}}
         for label in samplers_of(run):
@@ -229,7 +286,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float]]) -> str:
                     headline,
                     seeds,
                     out.with_name(out.name.replace(":", "")),
-                    plan.n_envs,
+                    n_envs,
                     layout="sync",
                     noise=noise,
                 )
@@ -265,15 +322,17 @@ def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
     from cm_policy.evaluation.machine import describe_machine
 
     caches = {(r.name, s): read_cache(cache_path(plan, r, s)) for r in plan.runs for s in r.seeds}
+    machines = sorted({m for c in caches.values() for m in c.get("machines", [])})
     lines = [
         f"# Campaign `{plan.name}`: {plan.task}, equal training compute",
         "",
         f"Command: `{command}`.",
         "",
-        f"Machine (report written on): {describe_machine()}. Training: one torch thread per run,"
-        " two runs side by side on 2 cores. x-axis: minutes of one-thread training = steps x the"
-        " run's step cost measured side by side in one process (table below), so pauses and load"
-        " do not move it. Each mark evaluates the EMA weights on "
+        f"Report written on: {describe_machine()}. Measured on: "
+        + ("; ".join(f"{m}" for m in machines) or "nothing yet")
+        + ". x-axis: minutes of one-thread CPU training = steps x the"
+        " run's step cost measured side by side in one process (table below), so pauses, load"
+        " and the device do not move it. Each mark evaluates the EMA weights on "
         f"{plan.episodes_per_seed} test episodes per training seed (from {plan.test_start}, "
         "disjoint per seed, the same for every run); +- is the 95% interval of the pooled "
         "mean_score, [a, b] the Wilson interval of the pooled success rate.",
@@ -299,6 +358,7 @@ def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
         "|---|---|---|---|---|---|---|" + "---|" * len(plan.rate_metrics),
     ]
     curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
+    grid: dict[str, dict[float, str]] = {}
     for r in plan.runs:
         steps = mark_steps(plan, costs[r.name])
         for label in samplers_of(r):
@@ -322,6 +382,25 @@ def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
                     curves.setdefault(f"{r.name} {label}", []).append(
                         (minutes, p["score"], p["score_half"], p["success"], lo, hi)
                     )
+                cell = f"{p['score']:.3f} +- {p['score_half']:.3f} / {p['success']:.2f}"
+                if len(entries) < len(r.seeds):
+                    cell += f" ({len(entries)}/{len(r.seeds)} seeds)"
+                grid.setdefault(f"{r.name} {label}", {})[minutes] = cell
+    if grid:
+        lines += [
+            "",
+            "## At equal training compute",
+            "",
+            "mean_score +- 95% / success rate, pooled over the training seeds, at each mark "
+            "(minutes of one-thread training; the intervals are in the table above).",
+            "",
+            "| run sampler | " + " | ".join(f"{m:g} min" for m in plan.marks_min) + " |",
+            "|---|" + "---|" * len(plan.marks_min),
+        ]
+        for name, row in grid.items():
+            lines.append(
+                f"| {name} | " + " | ".join(row.get(m, "-") for m in plan.marks_min) + " |"
+            )
     finals = [(r, s, caches[r.name, s].get("final")) for r in plan.runs for s in r.seeds]
     finals = [(r, s, f) for r, s, f in finals if f]
     if finals:
@@ -332,7 +411,7 @@ def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
             "Noise diagnostic: the headline sampler with the initial noise set to zero, and the "
             f"chunk averaged over {plan.noise_draws} draws, beside random noise (the row above)."
             " A policy whose score does not move acts as a regressor. Latency: median "
-            "`predict_action` at batch 1, one thread.",
+            "`predict_action` at batch 1 on the measuring job's threads and device (see above).",
             "",
             "| run | seed | headline | zero noise: score / success | mean of K: score / success "
             "| latency (ms) | grad median | grad p99 | non-finite steps |",
@@ -384,24 +463,55 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("plan", type=Path)
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:index] (training and policy)")
+    parser.add_argument("--n-envs", type=int, default=None, help="envs per batch (plan's)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results folder (the plan's); the plan's "
+        "step_costs.json is copied there first, so the marks stay the same steps",
+    )
+    parser.add_argument("--runs", default=None, help="comma-separated run names (all)")
+    parser.add_argument("--dataset", default=None, help="the plan's data set elsewhere (a copy)")
     parser.add_argument("--root", type=Path, default=None, help="run folders (default runs/NAME)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     plan = Plan.load(args.plan)
+    command = f"python eval/campaign.py {args.plan}"
+    if args.runs:
+        names = args.runs.split(",")
+        unknown = sorted(set(names) - {r.name for r in plan.runs})
+        if unknown:
+            known = [r.name for r in plan.runs]
+            raise SystemExit(f"--runs: {unknown} are not among the plan's runs {known}")
+        plan.runs = [r for r in plan.runs if r.name in names]
+    if args.results:
+        costs_file = plan.results / "step_costs.json"
+        args.results.mkdir(parents=True, exist_ok=True)
+        if costs_file.exists() and not (args.results / "step_costs.json").exists():
+            shutil.copy(costs_file, args.results / "step_costs.json")
+        plan.results = args.results.resolve()
+    if args.dataset:
+        plan.dataset = str(Path(args.dataset).resolve())
+    setup = Setup(args.jobs, args.threads, args.device, args.n_envs)
     root = args.root or REPO / "runs" / plan.name
     root.mkdir(parents=True, exist_ok=True)
-    command = f"python eval/campaign.py {args.plan}"
     costs = measured_costs(plan, root)
     # Seed by seed, so that every run's first seed is done (and comparable) before second seeds.
     pairs = sorted(
         ((r, s) for r in plan.runs for s in r.seeds), key=lambda rs: plan.seed_index(rs[1])
     )
-    todo = [(plan, r, s, root, costs) for r, s in pairs if pending(plan, r, s, costs)]
+    todo = [(plan, r, s, root, costs, setup) for r, s in pairs if pending(plan, r, s, costs)]
     if todo and not args.report_only:
         started = time.time()
-        print(f"{len(todo)} (run, seed) pairs to do with {args.jobs} jobs -> {root}", flush=True)
-        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        print(f"{len(todo)} (run, seed) pairs to do, {setup.describe()} -> {root}", flush=True)
+        # SIGTERM (a time limit) leaves the pool through its context, which terminates the workers.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        context = mp.get_context("spawn")
+        with context.Pool(args.jobs, _worker_init, maxtasksperchild=1) as pool:
             bar = tqdm(pool.imap_unordered(work, todo), total=len(todo), desc="runs")
             for status in bar:
                 bar.write(f"[{(time.time() - started) / 60:.0f} min] {status}")

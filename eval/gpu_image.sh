@@ -14,6 +14,9 @@
 # budget and the card), logs.tar.gz (logs, train_log.jsonl, config, metrics and episodes of both
 # evaluations), and up to 3 parts of the final EMA weights (eval/stage.sh pack_weights).
 #
+# On a device machine: `bash eval/gpu_prepare.sh .venv/bin/python image` here first, and carry
+# .gpu/whl and .gpu/pusht_image.zarr (the package's wheels and the data; stage.sh's use_wheels).
+#
 # Knobs (environment): DATA (the human PushT zarr with images), MODEL (unet_dp), BATCH (128),
 # LR (1e-4), COMPILE (false), EPISODES (500), N_ENVS (32), EVAL_RESERVE (240 s), MARGIN (45 s),
 # DEVICE (cuda; cpu with MODEL=unet_tiny EPISODES=4 TOTAL_SECONDS=400 is a dry run on a laptop).
@@ -21,7 +24,7 @@ set -uo pipefail
 OUT=${1:?usage: bash eval/gpu_image.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]}
 PY=${2:-python3}
 TOTAL=${3:-720}
-DATA=${DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/pusht/pusht_cchi_v7_replay.zarr}
+DATA=${DATA:-}
 MODEL=${MODEL:-unet_dp}
 BATCH=${BATCH:-128}
 LR=${LR:-1e-4}
@@ -40,6 +43,12 @@ export PYTHONUNBUFFERED=1 SDL_VIDEODRIVER=dummy
 START=$SECONDS
 STAGE_LOGS=$WORK/logs STAGE_SUMMARY=$OUT/stages.txt
 source eval/stage.sh
+use_wheels "$PY"
+# The data: the copy eval/gpu_prepare.sh made (carried in .gpu/), else ../shared beside the checkout.
+[ -z "$DATA" ] && [ -d .gpu/pusht_image.zarr ] && DATA=$PWD/.gpu/pusht_image.zarr
+[ -z "$DATA" ] && DATA=$(cd .. && pwd)/shared/data/pusht/pusht_cchi_v7_replay.zarr
+VIDEOS=0
+"$PY" -c "import av" 2>/dev/null && VIDEOS=2  # PyAV is carried only with EXTRA=video
 
 AMP=true
 [ "$DEVICE" = cpu ] && AMP=false  # bf16 autocast is for the GPU
@@ -113,6 +122,6 @@ stage train $((train_s + 60)) "$PY" -m cm_policy.cli train "${COMMON[@]}" "train
 for steps in 1 2; do
   left=$((TOTAL - (SECONDS - START) - 10))
   stage "eval_steps$steps" "$left" "$PY" -m cm_policy.cli eval "checkpoint=$WORK/run" \
-    "steps=$steps" "n_episodes=$EPISODES" "n_envs=$N_ENVS" layout=async n_videos=2 \
+    "steps=$steps" "n_episodes=$EPISODES" "n_envs=$N_ENVS" layout=async "n_videos=$VIDEOS" \
     "device=$DEVICE" progress=false "output_dir=$WORK/eval_steps$steps"
 done

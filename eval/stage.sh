@@ -1,4 +1,4 @@
-# Shared by the GPU session scripts (eval/gpu_check.sh, eval/gpu_robomimic.sh); source it.
+# Shared by the GPU session scripts (eval/gpu_*.sh); source it.
 #   stage NAME SECONDS COMMAND...
 # runs COMMAND under a time limit with its output in $STAGE_LOGS/NAME.log, appends
 # "NAME: exit RC after S s" to $STAGE_SUMMARY, shows the log's end on failure and returns RC,
@@ -43,4 +43,17 @@ check_device() {
 print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
     || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
   [ -d "$2" ] || { echo "no $2"; exit 1; }
+}
+
+#   use_wheels PYTHON
+# on a device machine whose PYTHON lacks this package's needs: installs the wheels that
+# eval/gpu_prepare.sh gathered in .gpu/whl (carried along) into /tmp/site, and puts /tmp/site and
+# the checkout on PYTHONPATH, so the package runs uninstalled. Does nothing where PYTHON already
+# imports them (a development machine).
+use_wheels() {
+  "$1" -c "import hydra, zarr, pymunk, gymnasium, diffusers" 2>/dev/null && return 0
+  [ -d .gpu/whl ] || { echo "no .gpu/whl: run bash eval/gpu_prepare.sh and carry .gpu"; exit 1; }
+  "$1" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/whl/*.whl || { echo "installing .gpu/whl failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 }
