@@ -67,3 +67,17 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0 and "pairs to do" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # Elsewhere (a GPU session's results): the plan's step costs travel along, so the marks stay
+    # the same steps; a subset of the runs is reported alone; an unknown run name is refused.
+    other = tmp_path / "gpu_results"
+    subset = [*command, "--results", str(other), "--runs", "isd", "--report-only"]
+    done = subprocess.run(subset, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((other / "step_costs.json").read_text()) == costs
+    report = (other / "tiny.md").read_text()
+    assert "| isd | isd |" in report and "| reg | regression |" not in report
+    wrong = subprocess.run(
+        [*command, "--runs", "nosuch", "--report-only"], capture_output=True, text=True, check=False
+    )
+    assert wrong.returncode != 0 and "nosuch" in wrong.stderr and "'isd'" in wrong.stderr
