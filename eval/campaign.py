@@ -278,7 +278,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
         final: dict[str, Any] = {"headline": headline, "latency_ms": {}, "noise": {}}
         for label in samplers_of(run):
             final["latency_ms"][label] = chunk_latency_ms(policy, label)
-        if policy.method.name != "regression":
+        if policy.method.uses_noise:
             for noise in ("zero", f"mean:{plan.noise_draws}"):
                 out = run_dir / "eval" / f"final_{headline.replace(':', '')}_{noise}"
                 final["noise"][noise] = evaluate_entry(

@@ -316,6 +316,8 @@ def test_regression_is_deterministic_and_one_step():
     a = method.sample(net, cond, (3, HORIZON, ACT), generator=torch.Generator().manual_seed(0))
     b = method.sample(net, cond, (3, HORIZON, ACT), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)  # no noise enters
+    # ... and it says so (the noise diagnostic skips it); every other method starts from noise.
+    assert [m for m, cls in METHODS.items() if not cls.uses_noise] == ["regression"]
     with pytest.raises(ValueError, match="regression samples in one step"):
         method.sample(net, cond, (3, HORIZON, ACT), steps=2)
     with pytest.raises(ValueError, match="regression samples in one step"):

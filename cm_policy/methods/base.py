@@ -19,7 +19,9 @@ class Method(ABC):
     - ``samplers``: its sampler kinds, the first being the default unless the config's ``sampler``
       names another; a sampler is chosen per call (``sample(..., sampler=...)``);
     - ``eval_samplers``: the sampler labels a comparison evaluates (``"N"``, or ``"kind:N"`` for a
-      method with several kinds: N network evaluations of that kind).
+      method with several kinds: N network evaluations of that kind);
+    - ``uses_noise``: whether sampling starts from random noise (False for a deterministic
+      method, which the noise diagnostic then skips).
 
     Hyper-parameters, ``default_steps`` included, come from the method's YAML
     (``config/method/<name>.yaml``) and are saved with every checkpoint; the constructor takes
@@ -30,6 +32,7 @@ class Method(ABC):
     loss_keys: ClassVar[tuple[str, ...]] = ()
     samplers: ClassVar[tuple[str, ...]] = ()
     eval_samplers: ClassVar[tuple[str, ...]] = ()
+    uses_noise: ClassVar[bool] = True
 
     def __init__(self, *, default_steps: int, sampler: str | None = None):
         self.default_steps = int(default_steps)

@@ -19,6 +19,7 @@ class Regression(Method):
     loss_keys = ("loss_mse",)
     samplers = ("direct",)  # one evaluation of the fixed input; no noise enters
     eval_samplers = ("1",)
+    uses_noise = False
 
     def __init__(self, *, default_steps: int, sampler: str | None = None):
         super().__init__(default_steps=default_steps, sampler=sampler)
