@@ -61,9 +61,7 @@ finish() {
 }
 trap finish EXIT
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia-smi.txt"
-stage check 120 "$PY" -c "import torch, cm_policy.cli
-print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))
-assert '$DEVICE' == 'cpu' or torch.cuda.is_available(), 'no CUDA device'" || exit 1
+check_stage "$PY" "$OUT" "assert '$DEVICE' == 'cpu' or torch.cuda.is_available(), 'no CUDA'" \
+  || exit 1
 left=$((TOTAL - (SECONDS - START) - MARGIN))
 stage campaign "$left" "$PY" eval/campaign.py "${ARGS[@]}"

@@ -96,10 +96,7 @@ EOF
 }
 trap finish EXIT
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia-smi.txt"
-stage check 120 "$PY" -c "import torch, cm_policy.cli
-from cm_policy.data import ReplayBuffer
-print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))
+check_stage "$PY" "$OUT" "from cm_policy.data import ReplayBuffer
 print(ReplayBuffer.open('$DATA').n_episodes, 'episodes')" || exit 1
 
 stage probe 300 "$PY" -m cm_policy.cli train "${COMMON[@]}" "training.steps=$PROBE_STEPS" \

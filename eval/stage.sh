@@ -57,3 +57,14 @@ use_wheels() {
     --target /tmp/site .gpu/whl/*.whl || { echo "installing .gpu/whl failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 }
+
+#   check_stage PYTHON OUT_DIR [PYTHON_CODE]
+# saves nvidia-smi's report as OUT_DIR/nvidia-smi.txt, then runs the stage "check": imports torch
+# and the package, prints torch's version and the GPU, and runs PYTHON_CODE (the script's own
+# checks: its data, its device).
+check_stage() {
+  nvidia-smi >"$2/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$2/nvidia-smi.txt"
+  stage check 120 "$1" -c "import torch, cm_policy.cli
+print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))
+${3:-}"
+}
