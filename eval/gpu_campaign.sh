@@ -50,8 +50,10 @@ ARGS=("$PLAN" --jobs "$JOBS" --threads "$THREADS" --device "$DEVICE" --n-envs "$
 [ -n "$RUNS" ] && ARGS+=(--runs "$RUNS")
 
 finish() {
-  "$PY" eval/campaign.py "${ARGS[@]}" --report-only >"$WORK/logs/report.log" 2>&1 \
-    || tail -5 "$WORK/logs/report.log"
+  # Without step costs nothing was trained: a report would only measure them.
+  [ -f "$WORK/results/step_costs.json" ] \
+    && { "$PY" eval/campaign.py "${ARGS[@]}" --report-only >"$WORK/logs/report.log" 2>&1 \
+      || tail -5 "$WORK/logs/report.log"; }
   cp "$WORK/results/$NAME.md" "$WORK/results/$NAME.png" "$OUT/" 2>/dev/null
   tar -czf "$OUT/cache.tar.gz" -C "$WORK/results" cache step_costs.json 2>/dev/null
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls runs/*.log 2>/dev/null) \
@@ -63,5 +65,11 @@ trap finish EXIT
 
 check_stage "$PY" "$OUT" "assert '$DEVICE' == 'cpu' or torch.cuda.is_available(), 'no CUDA'" \
   || exit 1
+# The marks come from the plan's CPU step costs; a plan without them (no CPU campaign yet) has
+# them measured here first, on this machine's CPU, and its x-axis is this CPU's.
+costs=$("$PY" -c "import yaml; p = yaml.safe_load(open('$PLAN'))
+print(p.get('results', 'eval/results/' + p['name']))")/step_costs.json
+[ -f "$costs" ] || echo "no $costs: step costs measured on this machine's CPU" \
+  | tee -a "$OUT/stages.txt"
 left=$((TOTAL - (SECONDS - START) - MARGIN))
 stage campaign "$left" "$PY" eval/campaign.py "${ARGS[@]}"

@@ -36,11 +36,9 @@ pack_weights() {
 
 #   check_device PYTHON DATA LOG_DIR
 # saves nvidia-smi's report in LOG_DIR and exits the script unless PYTHON imports torch,
-# cm_policy and robosuite and the replay buffer DATA exists.
+# cm_policy and robosuite (the stage "check", check_stage below) and the replay buffer DATA exists.
 check_device() {
-  nvidia-smi >"$3/nvidia-smi.txt" 2>&1
-  "$1" -c "import torch, cm_policy.cli, robosuite
-print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
+  check_stage "$1" "$3" "import robosuite" \
     || { echo "torch, cm_policy or robosuite not importable"; exit 1; }
   [ -d "$2" ] || { echo "no $2"; exit 1; }
 }
