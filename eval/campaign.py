@@ -19,6 +19,11 @@ training compute. Each invocation:
    and the latency per chunk at the last mark;
 3. rewrites the report (``<results>/<name>.md`` + PNG) from whatever is finished.
 
+A run may name ``reuse: OTHER_PLAN.yaml:RUN``, the same training finished in another plan (a
+recipe study's winner in the main campaign): the two are checked to be identical (every override,
+seed, test episode and mark), the other plan's caches are copied, and nothing is trained again
+(``--no-reuse`` trains it anyway, e.g. on a GPU).
+
 Training state lives under ``--root`` (default ``runs/<name>``, git-ignored; weights are never
 committed); the evaluations live in ``<results>/cache/*.json``, small files meant to be committed,
 so a campaign whose run folders are lost still reports what it measured.
@@ -60,6 +65,10 @@ class RunSpec:
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)  # default: the method's eval_samplers
+    # "PLAN.yaml:RUN" (PLAN relative to the repository): the same training and evaluation finished
+    # in another plan. Checked to be identical (overrides, seeds, test episodes, marks), then its
+    # caches are used here instead of training the run again.
+    reuse: str | None = None
 
 
 @dataclass
@@ -139,6 +148,83 @@ def run_overrides(
         "training.keep_checkpoints=0",
         "training.eval_every=0",
     ]
+
+
+def reused_source(plan: Plan, run: RunSpec) -> tuple[Plan, Path, RunSpec]:
+    """The other plan and run that ``run.reuse`` names, after checking that they are the same
+    training (every override, seed and test episode) evaluated at the same marks."""
+    assert run.reuse
+    where = f"{plan.name}: run {run.name!r} reuse={run.reuse!r}"
+    path, _, name = run.reuse.rpartition(":")
+    if not path or not (REPO / path).is_file():
+        raise SystemExit(f"{where}: expected PLAN.yaml:RUN with PLAN a file in {REPO}")
+    other = Plan.load(REPO / path)
+    match = [r for r in other.runs if r.name == name]
+    if not match:
+        names = [r.name for r in other.runs]
+        raise SystemExit(f"{where}: {path} has no run {name!r}; its runs: {names}")
+    source = match[0]
+    problems = [
+        f"{key} {getattr(plan, key)!r} there {getattr(other, key)!r}"
+        for key in ("task", "marks_min", "grain", "noise_draws", "episodes_per_seed")
+        if getattr(plan, key) != getattr(other, key)
+    ]
+    if set(samplers_of(run)) - set(samplers_of(source)):
+        problems.append(f"samplers {samplers_of(run)}, there {samplers_of(source)}")
+    for seed in run.seeds:
+        if seed not in source.seeds:
+            problems.append(f"seed {seed} is not among its seeds {source.seeds}")
+            continue
+        mine = set(run_overrides(plan, run, seed, Path("RUN")))
+        theirs = set(run_overrides(other, source, seed, Path("RUN")))
+        if mine != theirs:
+            problems.append(
+                f"seed {seed}: overrides only here {sorted(mine - theirs)}, only "
+                f"there {sorted(theirs - mine)}"
+            )
+        first = [p.test_start + p.seed_index(seed) * p.episodes_per_seed for p in (plan, other)]
+        if first[0] != first[1]:
+            problems.append(f"seed {seed}: test episodes from {first[0]}, there from {first[1]}")
+    if problems:
+        raise SystemExit(f"{where}: not the same run: " + "; ".join(problems))
+    return other, REPO / path, source
+
+
+def take_reused(
+    plan: Plan, costs: dict[str, float], sources: dict[str, tuple[Plan, Path, RunSpec]]
+) -> list[str]:
+    """Copy the finished caches of every reused run (``sources``: from ``reused_source``) into
+    this plan's cache folder and give the run the step cost its marks were placed with; returns
+    the report's lines about them."""
+    notes = []
+    for run in plan.runs:
+        if run.name not in sources:
+            continue
+        other, path, source = sources[run.name]
+        shown = run.reuse.rpartition(":")[0] if run.reuse else str(path)
+        costs_file = other.results / "step_costs.json"
+        if not costs_file.exists():
+            raise SystemExit(f"{run.reuse}: {costs_file} is missing: run {path} first")
+        cost = json.loads(costs_file.read_text())[source.name]
+        for seed in run.seeds:
+            if pending(other, source, seed, {source.name: cost}):
+                raise SystemExit(
+                    f"{plan.name}: run {run.name!r} reuses {run.reuse}, whose seed {seed} is not "
+                    f"finished: run python eval/campaign.py {shown} first"
+                )
+            cache = read_cache(cache_path(other, source, seed))
+            cache["reused_from"] = f"{run.reuse} seed {seed}"
+            target = cache_path(plan, run, seed)
+            if read_cache(target) != cache:
+                write_atomic(target, cache)
+        notes.append(
+            f"`{run.name}` is the run `{source.name}` of `{shown}` (the same "
+            f"overrides, seeds, test episodes and marks; its caches, not trained again): step cost "
+            f"{cost:.3f} s there, which places its marks; {costs[run.name]:.3f} s measured here "
+            "beside this plan's other runs."
+        )
+        costs[run.name] = cost
+    return notes
 
 
 def measured_costs(plan: Plan, root: Path) -> dict[str, float]:
@@ -312,7 +398,9 @@ def pooled_rate(entries: list[dict], key: str) -> str:
     return f"{rate:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
+def write_report(
+    plan: Plan, costs: dict[str, float], command: str, notes: list[str] | None = None
+) -> Path:
     """``<results>/<name>.md`` and ``<name>.png`` from the cached evaluations."""
     import matplotlib
 
@@ -342,12 +430,14 @@ def write_report(plan: Plan, costs: dict[str, float], command: str) -> Path:
         "| run | method | overrides | seeds | step cost (s, 1 thread) | marks (steps) |",
         "|---|---|---|---|---|---|",
     ]
+    tail = [f"- {n}" for n in notes or []]
     for r in plan.runs:
         steps = mark_steps(plan, costs[r.name])
         lines.append(
             f"| {r.name} | {r.method} | `{' '.join(r.overrides) or '-'}` | {r.seeds} | "
             f"{costs[r.name]:.3f} | {', '.join(map(str, steps))} |"
         )
+    lines += ["", *tail] if tail else []
     lines += [
         "",
         "## Score at each mark",
@@ -478,6 +568,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=None, help="the plan's data set elsewhere (a copy)")
     parser.add_argument("--root", type=Path, default=None, help="run folders (default runs/NAME)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--no-reuse", action="store_true", help="train runs that name reuse=... here as well"
+    )
     args = parser.parse_args()
     plan = Plan.load(args.plan)
     command = f"python eval/campaign.py {args.plan}"
@@ -488,6 +581,11 @@ def main() -> None:
             known = [r.name for r in plan.runs]
             raise SystemExit(f"--runs: {unknown} are not among the plan's runs {known}")
         plan.runs = [r for r in plan.runs if r.name in names]
+    if args.no_reuse:
+        for run in plan.runs:
+            run.reuse = None
+    # Checked against the plans as written, before --dataset moves the data set.
+    sources = {r.name: reused_source(plan, r) for r in plan.runs if r.reuse}
     if args.results:
         costs_file = plan.results / "step_costs.json"
         args.results.mkdir(parents=True, exist_ok=True)
@@ -500,6 +598,7 @@ def main() -> None:
     root = args.root or REPO / "runs" / plan.name
     root.mkdir(parents=True, exist_ok=True)
     costs = measured_costs(plan, root)
+    notes = take_reused(plan, costs, sources)
     # Seed by seed, so that every run's first seed is done (and comparable) before second seeds.
     pairs = sorted(
         ((r, s) for r in plan.runs for s in r.seeds), key=lambda rs: plan.seed_index(rs[1])
@@ -515,8 +614,8 @@ def main() -> None:
             bar = tqdm(pool.imap_unordered(work, todo), total=len(todo), desc="runs")
             for status in bar:
                 bar.write(f"[{(time.time() - started) / 60:.0f} min] {status}")
-                write_report(plan, costs, command)
-    print(f"report: {write_report(plan, costs, command)}")
+                write_report(plan, costs, command, notes)
+    print(f"report: {write_report(plan, costs, command, notes)}")
 
 
 if __name__ == "__main__":

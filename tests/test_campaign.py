@@ -81,3 +81,42 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         [*command, "--runs", "nosuch", "--report-only"], capture_output=True, text=True, check=False
     )
     assert wrong.returncode != 0 and "nosuch" in wrong.stderr and "'isd'" in wrong.stderr
+
+    # A run of another plan that is the same training (a recipe study's winner in the main
+    # campaign) is reused: its caches are copied, nothing is trained; any difference is refused.
+    reuse = {
+        **plan,
+        "name": "tiny_reuse",
+        "results": str(tmp_path / "reuse_results"),
+        "runs": [
+            {
+                "name": "isd_again",
+                "method": "isd",
+                "seeds": [0],
+                "samplers": ["1"],
+                "reuse": f"{plan_file}:isd",
+            }
+        ],
+    }
+    reuse_file = tmp_path / "reuse.yaml"
+    reuse_file.write_text(yaml.safe_dump(reuse))
+    reuse_root = tmp_path / "reuse_runs"
+    again = [
+        sys.executable,
+        str(REPO / "eval/campaign.py"),
+        str(reuse_file),
+        "--root",
+        str(reuse_root),
+    ]
+    done = subprocess.run(again, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "pairs to do" not in done.stdout and not (reuse_root / "isd_again_s0").exists()
+    copied = json.loads((tmp_path / "reuse_results" / "cache" / "isd_again_s0.json").read_text())
+    original = json.loads((results / "cache" / "isd_s0.json").read_text())
+    assert copied["marks"] == original["marks"] and copied["reused_from"].endswith(":isd seed 0")
+    report = (tmp_path / "reuse_results" / "tiny_reuse.md").read_text()
+    assert "is the run `isd` of" in report and f"| {costs['isd']:.3f} |" in report
+    reuse["common"] = [*plan["common"], "training.lr=1.0e-3"]
+    reuse_file.write_text(yaml.safe_dump(reuse))
+    wrong = subprocess.run([*again, "--report-only"], capture_output=True, text=True, check=False)
+    assert wrong.returncode != 0 and "training.lr=1.0e-3" in wrong.stderr, wrong.stderr[-2000:]
