@@ -110,7 +110,8 @@ class ImageEncoder(nn.Module):
         batch, steps = next(iter(obs.values())).shape[:2]
         feats = []
         for k in self.image_keys:
-            img = obs[k].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
-            feats.append(self.backbones[k](self._crop(img)).view(batch, steps, -1))
+            # Cropped while still uint8: a quarter fewer pixels to convert and normalise.
+            img = self._crop(obs[k].flatten(0, 1).permute(0, 3, 1, 2)).float() / 255.0
+            feats.append(self.backbones[k](img).view(batch, steps, -1))
         feats += [obs[k].float() for k in self.low_dim_keys]
         return torch.cat(feats, dim=-1).flatten(1)
