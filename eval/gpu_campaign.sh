@@ -45,7 +45,7 @@ source eval/stage.sh
 use_wheels "$PY"
 NAME=$("$PY" -c "import yaml; print(yaml.safe_load(open('$PLAN'))['name'])") || exit 1
 ARGS=("$PLAN" --jobs "$JOBS" --threads "$THREADS" --device "$DEVICE" --n-envs "$N_ENVS"
-  --results "$WORK/results" --root "$WORK/runs")
+  --results "$WORK/results" --root "$WORK/runs" --no-reuse)  # every run trained here
 [ -n "$DATA" ] && ARGS+=(--dataset "$DATA")
 [ -n "$RUNS" ] && ARGS+=(--runs "$RUNS")
 
