@@ -569,6 +569,11 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None, help="run folders (default runs/NAME)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--costs-only",
+        action="store_true",
+        help="measure (or read) the runs' step costs and print them with samples/s; nothing else",
+    )
+    parser.add_argument(
         "--no-reuse", action="store_true", help="train runs that name reuse=... here as well"
     )
     args = parser.parse_args()
@@ -598,6 +603,19 @@ def main() -> None:
     root = args.root or REPO / "runs" / plan.name
     root.mkdir(parents=True, exist_ok=True)
     costs = measured_costs(plan, root)
+    if args.costs_only:  # e.g. to choose a network size that the machine carries
+        from cm_policy.configs import compose
+
+        for r in plan.runs:
+            batch = int(
+                compose("config", run_overrides(plan, r, r.seeds[0], root)).training.batch_size
+            )
+            steps = mark_steps(plan, costs[r.name])
+            print(
+                f"{r.name}: {costs[r.name]:.3f} s per step at batch {batch} (1 thread) = "
+                f"{batch / costs[r.name]:.1f} samples/s; marks at steps {steps}"
+            )
+        return
     notes = take_reused(plan, costs, sources)
     # Seed by seed, so that every run's first seed is done (and comparable) before second seeds.
     pairs = sorted(
