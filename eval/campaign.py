@@ -150,9 +150,10 @@ def run_overrides(
     ]
 
 
-def reused_source(plan: Plan, run: RunSpec) -> tuple[Plan, Path, RunSpec]:
-    """The other plan and run that ``run.reuse`` names, after checking that they are the same
-    training (every override, seed and test episode) evaluated at the same marks."""
+def reused_source(plan: Plan, run: RunSpec) -> tuple[Plan, str, RunSpec]:
+    """The other plan (and its path as ``run.reuse`` writes it) and run that ``run.reuse`` names,
+    after checking that they are the same training (every override, seed and test episode)
+    evaluated at the same marks."""
     assert run.reuse
     where = f"{plan.name}: run {run.name!r} reuse={run.reuse!r}"
     path, _, name = run.reuse.rpartition(":")
@@ -187,11 +188,11 @@ def reused_source(plan: Plan, run: RunSpec) -> tuple[Plan, Path, RunSpec]:
             problems.append(f"seed {seed}: test episodes from {first[0]}, there from {first[1]}")
     if problems:
         raise SystemExit(f"{where}: not the same run: " + "; ".join(problems))
-    return other, REPO / path, source
+    return other, path, source
 
 
 def take_reused(
-    plan: Plan, costs: dict[str, float], sources: dict[str, tuple[Plan, Path, RunSpec]]
+    plan: Plan, costs: dict[str, float], sources: dict[str, tuple[Plan, str, RunSpec]]
 ) -> list[str]:
     """Copy the finished caches of every reused run (``sources``: from ``reused_source``) into
     this plan's cache folder and give the run the step cost its marks were placed with; returns
@@ -201,7 +202,6 @@ def take_reused(
         if run.name not in sources:
             continue
         other, path, source = sources[run.name]
-        shown = run.reuse.rpartition(":")[0] if run.reuse else str(path)
         costs_file = other.results / "step_costs.json"
         if not costs_file.exists():
             raise SystemExit(f"{run.reuse}: {costs_file} is missing: run {path} first")
@@ -210,7 +210,7 @@ def take_reused(
             if pending(other, source, seed, {source.name: cost}):
                 raise SystemExit(
                     f"{plan.name}: run {run.name!r} reuses {run.reuse}, whose seed {seed} is not "
-                    f"finished: run python eval/campaign.py {shown} first"
+                    f"finished: run python eval/campaign.py {path} first"
                 )
             cache = read_cache(cache_path(other, source, seed))
             cache["reused_from"] = f"{run.reuse} seed {seed}"
@@ -218,7 +218,7 @@ def take_reused(
             if read_cache(target) != cache:
                 write_atomic(target, cache)
         notes.append(
-            f"`{run.name}` is the run `{source.name}` of `{shown}` (the same "
+            f"`{run.name}` is the run `{source.name}` of `{path}` (the same "
             f"overrides, seeds, test episodes and marks; its caches, not trained again): step cost "
             f"{cost:.3f} s there, which places its marks; {costs[run.name]:.3f} s measured here "
             "beside this plan's other runs."
@@ -430,14 +430,14 @@ def write_report(
         "| run | method | overrides | seeds | step cost (s, 1 thread) | marks (steps) |",
         "|---|---|---|---|---|---|",
     ]
-    tail = [f"- {n}" for n in notes or []]
     for r in plan.runs:
         steps = mark_steps(plan, costs[r.name])
         lines.append(
             f"| {r.name} | {r.method} | `{' '.join(r.overrides) or '-'}` | {r.seeds} | "
             f"{costs[r.name]:.3f} | {', '.join(map(str, steps))} |"
         )
-    lines += ["", *tail] if tail else []
+    if notes:
+        lines += ["", *(f"- {n}" for n in notes)]
     lines += [
         "",
         "## Score at each mark",
