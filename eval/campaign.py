@@ -69,6 +69,10 @@ class RunSpec:
     # in another plan. Checked to be identical (overrides, seeds, test episodes, marks), then its
     # caches are used here instead of training the run again.
     reuse: str | None = None
+    # The sampler of the noise diagnostic (one of the run's samplers; default: the method's
+    # headline). DDPM's ancestral sampler draws fresh noise at every step, so zero *initial* noise
+    # does not make it deterministic: its diagnostic belongs to DDIM (eta 0).
+    noise_sampler: str | None = None
 
 
 @dataclass
@@ -109,6 +113,12 @@ class Plan:
         names = [r.name for r in runs]
         if len(set(names)) != len(names):
             raise SystemExit(f"{path}: run names must be unique, got {names}")
+        for r in runs:
+            if r.noise_sampler and r.noise_sampler not in samplers_of(r):
+                raise SystemExit(
+                    f"{path}: run {r.name!r} noise_sampler={r.noise_sampler!r} is not one of its "
+                    f"samplers {samplers_of(r)}"
+                )
         raw["results"] = REPO / raw.get("results", f"eval/results/{raw['name']}")
         raw["marks_min"] = sorted(float(m) for m in raw["marks_min"])
         return Plan(runs=runs, **raw)
@@ -170,6 +180,8 @@ def reused_source(plan: Plan, run: RunSpec) -> tuple[Plan, str, RunSpec]:
         for key in ("task", "marks_min", "grain", "noise_draws", "episodes_per_seed")
         if getattr(plan, key) != getattr(other, key)
     ]
+    if run.noise_sampler != source.noise_sampler:
+        problems.append(f"noise_sampler {run.noise_sampler!r}, there {source.noise_sampler!r}")
     if set(samplers_of(run)) - set(samplers_of(source)):
         problems.append(f"samplers {samplers_of(run)}, there {samplers_of(source)}")
     for seed in run.seeds:
@@ -360,7 +372,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
     if not cache.get("final"):
         last = run_dir / "checkpoints" / f"step_{steps[-1]:07d}"
         policy = load_policy(last, weights="ema", device=setup.device)
-        headline = policy.method.headline
+        headline = run.noise_sampler or policy.method.headline
         final: dict[str, Any] = {"headline": headline, "latency_ms": {}, "noise": {}}
         for label in samplers_of(run):
             final["latency_ms"][label] = chunk_latency_ms(policy, label)
@@ -498,13 +510,15 @@ def write_report(
             "",
             "## Last mark: noise diagnostic, latency, gradients",
             "",
-            "Noise diagnostic: the headline sampler with the initial noise set to zero, and the "
+            "Noise diagnostic: the run's diagnosed sampler (its method's headline unless the plan "
+            "names another) with the initial noise set to zero, and the "
             f"chunk averaged over {plan.noise_draws} draws, beside random noise (the row above)."
             " A policy whose score does not move acts as a regressor. Latency: median "
             "`predict_action` at batch 1 on the measuring job's threads and device (see above).",
             "",
-            "| run | seed | headline | zero noise: score / success | mean of K: score / success "
-            "| latency (ms) | grad median | grad p99 | non-finite steps |",
+            "| run | seed | diagnosed sampler | zero noise: score / success "
+            "| mean of K: score / success | latency (ms) | grad median | grad p99 "
+            "| non-finite steps |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r, s, f in finals:

@@ -33,7 +33,14 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         "n_envs": 2,
         "noise_draws": 2,
         "runs": [
-            {"name": "isd", "method": "isd", "seeds": [0], "samplers": ["1", "2"]},
+            # The noise diagnostic on a sampler other than the method's headline (1 step).
+            {
+                "name": "isd",
+                "method": "isd",
+                "seeds": [0],
+                "samplers": ["1", "2"],
+                "noise_sampler": "2",
+            },
             {"name": "reg", "method": "regression", "seeds": [0]},
         ],
     }
@@ -58,6 +65,7 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         assert set(final["latency_ms"]) == samplers
         # The noise diagnostic runs for the generative method only.
         assert set(final["noise"]) == ({"zero", "mean:2"} if run == "isd" else set())
+        assert final["headline"] == ("2" if run == "isd" else "1")
         assert final["train"]["nonfinite_steps"] == 0
         assert (root / f"{run}_s0" / "checkpoints" / f"step_{max(expected):07d}").is_dir()
     report = (results / "tiny.md").read_text()
@@ -81,6 +89,14 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         [*command, "--runs", "nosuch", "--report-only"], capture_output=True, text=True, check=False
     )
     assert wrong.returncode != 0 and "nosuch" in wrong.stderr and "'isd'" in wrong.stderr
+    # A noise diagnostic on a sampler the run does not evaluate is refused when the plan is read.
+    bad = {**plan, "runs": [{**plan["runs"][0], "noise_sampler": "16"}]}
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(yaml.safe_dump(bad))
+    wrong = subprocess.run(
+        [*command[:2], str(bad_file), "--report-only"], capture_output=True, text=True, check=False
+    )
+    assert wrong.returncode != 0 and "noise_sampler='16'" in wrong.stderr, wrong.stderr[-2000:]
 
     # A run of another plan that is the same training (a recipe study's winner in the main
     # campaign) is reused: its caches are copied, nothing is trained; any difference is refused.
@@ -93,7 +109,8 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
                 "name": "isd_again",
                 "method": "isd",
                 "seeds": [0],
-                "samplers": ["1"],
+                "samplers": ["1", "2"],
+                "noise_sampler": "2",
                 "reuse": f"{plan_file}:isd",
             }
         ],

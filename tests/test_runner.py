@@ -57,6 +57,46 @@ def test_runner_parallel_envs_and_outputs(tmp_path: Path):
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2
 
 
+class HoldStillSeeded(HoldStill):
+    def predict_action(self, obs, generator=None):
+        assert generator is not None and len(generator) == obs["state"].shape[0]
+        return super().predict_action(obs)
+
+
+class Refuse:
+    def predict_action(self, obs, generator=None):
+        raise AssertionError("every episode was done: nothing should run")
+
+
+def test_stopped_evaluation_resumes_from_its_finished_waves(tmp_path: Path):
+    env_fn, seeds = load_task(TASK).env_factory(), list(range(100000, 100005))
+    run = {"n_envs": 2, "max_steps": 10, "progress": False, "seeded_noise": True, "resume": True}
+    full = evaluate(HoldStillSeeded(), env_fn, seeds, tmp_path / "full", **run)
+    episodes = json.loads((tmp_path / "full" / "episodes.json").read_text())
+    assert not (tmp_path / "full" / "episodes.partial.jsonl").exists()
+    # Stopped after its first wave, mid-write of the second: the first wave's episodes are kept
+    # (marked here by a changed score, so a rerun of them would show) and the rest run.
+    out = tmp_path / "stopped"
+    out.mkdir()
+    kept = [{**episodes[0], "max_reward": 0.123}, episodes[1]]
+    torn = json.dumps(episodes[2])[:20]
+    (out / "episodes.partial.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept) + torn)
+    resumed = evaluate(HoldStillSeeded(), env_fn, seeds, out, **run)
+    again = json.loads((out / "episodes.json").read_text())
+    assert again == [kept[0], *episodes[1:]] and resumed["resumed_episodes"] == 2
+    assert resumed["mean_score"] == pytest.approx(
+        full["mean_score"] + (0.123 - episodes[0]["max_reward"]) / len(seeds)
+    )
+    # Every episode finished before the stop: nothing runs, the metrics are the same.
+    out = tmp_path / "all_done"
+    out.mkdir()
+    (out / "episodes.partial.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    assert evaluate(Refuse(), env_fn, seeds, out, **run)["mean_score"] == full["mean_score"]
+    # Without seeded noise an episode's result does not follow its seed: refused.
+    with pytest.raises(ValueError, match="seeded_noise"):
+        evaluate(HoldStill(), env_fn, seeds, tmp_path / "x", **{**run, "seeded_noise": False})
+
+
 class PlaceAtGoal:
     """A scripted 'policy' that cannot exist physically: the env is teleported to success."""
 

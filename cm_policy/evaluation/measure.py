@@ -195,6 +195,7 @@ def evaluate_entry(
         max_steps=max_steps,
         progress=False,
         extra={"label": sampler},
+        resume=True,  # a stopped campaign keeps the waves of episodes it finished
     )
 
 

@@ -101,6 +101,7 @@ def run_episodes(
     vector_env: gym.vector.VectorEnv | None = None,
     outcome_keys: Sequence[str] = (),
     outcome: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    on_wave: Callable[[list[EpisodeResult]], None] | None = None,
 ) -> list[EpisodeResult]:
     """Run one episode per seed; videos of the first ``n_videos`` seeds go to ``video_dir``.
 
@@ -108,6 +109,7 @@ def run_episodes(
     its last step, or of the reset for an episode of no step); its dict is the result's
     ``outcome``. ``seeded_noise``: ``predict_action`` gets ``generator=`` one generator per env
     (:func:`chunk_generators`), so results do not depend on ``n_envs`` or ``layout``.
+    ``on_wave``: called with the results of each wave of episodes as it ends.
     """
     seeds = [int(s) for s in seeds]
     if n_videos and video_dir is None:
@@ -122,6 +124,7 @@ def run_episodes(
     try:
         for start in range(0, len(seeds), n_envs):
             wave = seeds[start : start + n_envs]
+            first = len(results)
             # Unused envs of a short last wave run a copy of the wave's first seed.
             padded = wave + [wave[0]] * (n_envs - len(wave))
             obs, reset_info = envs.reset(seed=padded)
@@ -181,6 +184,8 @@ def run_episodes(
                         outcome(last[i]) if outcome else None,
                     )
                 )
+            if on_wave is not None:
+                on_wave(results[first:])
             bar.update(len(wave))
     finally:
         bar.close()
@@ -255,23 +260,74 @@ def evaluate(
     *,
     extra: Mapping[str, Any] | None = None,
     summarize_outcomes: Callable[[Sequence[EpisodeResult]], dict[str, Any]] | None = None,
+    resume: bool = False,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
     """Run the episodes; write ``metrics.json``, ``episodes.json``, videos and ``summary.png``.
-    ``summarize_outcomes`` adds the task's own metrics over the episodes' outcomes."""
+    ``summarize_outcomes`` adds the task's own metrics over the episodes' outcomes.
+
+    ``resume``: each finished wave of episodes is appended to ``episodes.partial.jsonl``, and
+    episodes found there (from an evaluation that was stopped) are not run again. Sound only
+    when an episode's result depends on its seed alone, so it needs ``seeded_noise``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = run_episodes(policy, env_fn, seeds, video_dir=out / "videos", **run_kwargs)
+    seeds = [int(s) for s in seeds]
+    partial = out / "episodes.partial.jsonl"
+    done: dict[int, EpisodeResult] = {}
+    if resume:
+        if not run_kwargs.get("seeded_noise"):
+            raise ValueError("resume=True needs seeded_noise=True (results must follow the seed)")
+        done = {r.seed: r for r in read_partial(partial) if r.seed in set(seeds)}
+
+    def keep(wave: list[EpisodeResult]) -> None:
+        with open(partial, "a") as f:  # one write per wave: a stop leaves at most a torn tail
+            f.write("".join(json.dumps(asdict(r)) + "\n" for r in wave))
+            f.flush()
+
+    todo = [s for s in seeds if s not in done]
+    ran = (
+        run_episodes(
+            policy,
+            env_fn,
+            todo,
+            video_dir=out / "videos",
+            on_wave=keep if resume else None,
+            **run_kwargs,
+        )
+        if todo
+        else []
+    )
+    by_seed = {**done, **{r.seed: r for r in ran}}
+    results = [by_seed[s] for s in seeds]
     metrics = summarize(results)
     if summarize_outcomes is not None:
         metrics.update(summarize_outcomes(results))
     metrics.update({"seeds": [seeds[0], seeds[-1]], "wall_s": time.perf_counter() - started})
+    if done:
+        metrics["resumed_episodes"] = len(done)  # wall_s counts only the episodes run here
     metrics.update(extra or {})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "episodes.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     plot_summary(results, metrics, out / "summary.png")
+    # metrics.json last, atomically: its presence means the evaluation is complete.
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(out / "metrics.json")
+    partial.unlink(missing_ok=True)
     return metrics
+
+
+def read_partial(path: Path) -> list[EpisodeResult]:
+    """The episodes of a stopped evaluation's ``episodes.partial.jsonl`` (see :func:`evaluate`),
+    up to a torn last line."""
+    results = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                results.append(EpisodeResult(**json.loads(line)))
+            except (ValueError, TypeError):
+                break
+    return results
 
 
 def evaluate_policy(
