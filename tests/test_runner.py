@@ -41,6 +41,8 @@ def test_runner_parallel_envs_and_outputs(tmp_path: Path):
         progress=False,
     )
     assert policy.batches[0] == (2, 2, 5)  # two envs, an observation history of two
+    # The last wave has one seed: its padding env is not predicted for.
+    assert policy.batches[-1] == (1, 2, 5) and policy.batches.count((1, 2, 5)) == 3
     episodes = json.loads((tmp_path / "episodes.json").read_text())
     assert [e["seed"] for e in episodes] == seeds
     # Holding still keeps each block at its initial pose: the score is its initial coverage.

@@ -142,16 +142,26 @@ def run_episodes(
                     if filmed[i]:
                         frames[i].append(frame)
             step, chunk = 0, 0
+            actions: np.ndarray | None = None
             while active.any() and step < max_steps:
+                # Only the envs whose episode goes on are predicted for (an ended or padding env
+                # replays its last chunk, ignored): the forward shrinks as episodes end.
+                rows = np.flatnonzero(active)
                 if seeded_noise:
-                    kwargs["generator"] = chunk_generators(padded, chunk)
+                    kwargs["generator"] = chunk_generators([padded[i] for i in rows], chunk)
                 chunk += 1
-                actions = np.asarray(policy.predict_action(history, **kwargs))
-                if actions.ndim != 3 or actions.shape[0] != n_envs:
+                window = (
+                    history if len(rows) == n_envs else {k: v[rows] for k, v in history.items()}
+                )
+                predicted = np.asarray(policy.predict_action(window, **kwargs))
+                if predicted.ndim != 3 or predicted.shape[0] != len(rows):
                     raise ValueError(
-                        f"predict_action must return (n_envs={n_envs}, n_action_steps, "
-                        f"action_dim), got shape {actions.shape}"
+                        f"predict_action must return (batch={len(rows)}, n_action_steps, "
+                        f"action_dim), got shape {predicted.shape}"
                     )
+                if actions is None or actions.shape[1:] != predicted.shape[1:]:
+                    actions = np.repeat(predicted[:1], n_envs, axis=0)
+                actions[rows] = predicted
                 for j in range(min(n_action_steps, actions.shape[1])):
                     if not active.any() or step >= max_steps:
                         break
