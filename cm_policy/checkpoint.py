@@ -61,7 +61,9 @@ def policy_from_weights(spec: dict[str, Any], weights: dict[str, torch.Tensor]) 
     return policy.eval()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a stop mid-write leaves
+    the old file (or none), never half of the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -122,7 +124,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_text_atomic(root / "latest", final.name + "\n")
+    write_text_atomic(root / "latest", final.name + "\n")
     kept = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in kept[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)

@@ -281,10 +281,10 @@ def read_cache(path: Path) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, value: Any) -> None:
+    from cm_policy.checkpoint import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def pending(plan: Plan, run: RunSpec, seed: int, costs: dict[str, float]) -> bool:

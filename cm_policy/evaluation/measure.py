@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cm_policy.checkpoint import write_text_atomic
 from cm_policy.evaluation.runner import wilson_interval
 
 # A training run's step costs more than step_costs' bare steps (batches drawn on the fly, EMA
@@ -206,9 +206,7 @@ def cached(path: Path, compute: Callable[[], Any]) -> Any:
         return json.loads(path.read_text())
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=2))
     return value
 
 

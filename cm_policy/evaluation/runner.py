@@ -288,12 +288,12 @@ def evaluate(
     if resume:
         if not run_kwargs.get("seeded_noise"):
             raise ValueError("resume=True needs seeded_noise=True (results must follow the seed)")
-        done = {r.seed: r for r in read_partial(partial) if r.seed in set(seeds)}
+        wanted = set(seeds)
+        done = {r.seed: r for r in read_partial(partial) if r.seed in wanted}
 
     def keep(wave: list[EpisodeResult]) -> None:
         with open(partial, "a") as f:  # one write per wave: a stop leaves at most a torn tail
             f.write("".join(json.dumps(asdict(r)) + "\n" for r in wave))
-            f.flush()
 
     todo = [s for s in seeds if s not in done]
     ran = (
@@ -320,9 +320,9 @@ def evaluate(
     (out / "episodes.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     plot_summary(results, metrics, out / "summary.png")
     # metrics.json last, atomically: its presence means the evaluation is complete.
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out / "metrics.json")
+    from cm_policy.checkpoint import write_text_atomic
+
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     partial.unlink(missing_ok=True)
     return metrics
 
