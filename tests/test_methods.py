@@ -18,6 +18,7 @@ EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
 VARIANTS = {
     "isd": {},
     "isd_jvp": {"derivative": "jvp"},
+    "isd_quarter": {"sd_fraction": 0.25},
     "ddpm": {},
     "flow": {},
     "meanflow": {},
@@ -108,6 +109,34 @@ def hand_alphas(n: int = 100) -> torch.Tensor:
 
     betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
     return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0).float()
+
+
+def test_isd_sd_fraction_keeps_the_flow_term_and_thins_the_distillation_term():
+    net = tiny_net()
+    actions, cond = torch.rand(8, HORIZON, ACT) * 2 - 1, torch.randn(8, COND)
+
+    def run(**kw):
+        torch.manual_seed(3)
+        loss, logs = make_method("isd", **kw).loss(net, actions, cond)
+        return float(loss), float(logs["loss_fm"]), float(logs["loss_sd"])
+
+    # Without the adaptive weight the loss is the plain mean of the per-sample terms.
+    full = run(adaptive_p=0.0)
+    quarter = run(adaptive_p=0.0, sd_fraction=0.25)
+    # The same draws of t, s and z: the flow-matching term over the whole batch is unchanged, ...
+    assert quarter[1] == pytest.approx(full[1], rel=1e-5)
+    assert full[0] == pytest.approx(full[1] + full[2], rel=1e-5)
+    # ... and the distillation term counts on 2 of the 8 samples (its log is their mean).
+    assert quarter[0] == pytest.approx(quarter[1] + 0.25 * quarter[2], rel=1e-5)
+    assert quarter[2] != pytest.approx(full[2], rel=1e-3)
+    # One batched forward or separate ones: the same numbers (up to float rounding, which the
+    # finite difference over 2 * fd_eps magnifies).
+    assert run(adaptive_p=0.0, sd_fraction=0.25, batch_passes=False) == pytest.approx(
+        quarter, rel=1e-5, abs=1e-6
+    )
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="sd_fraction"):
+            make_method("isd", sd_fraction=bad)
 
 
 def test_ddpm_step_matches_a_hand_written_posterior_step():

@@ -37,12 +37,16 @@ class ISD(Method):
         adaptive_p: float,
         default_steps: int,
         batch_passes: bool,
+        sd_fraction: float = 1.0,
         sampler: str | None = None,
     ):
         super().__init__(default_steps=default_steps, sampler=sampler)
         if derivative not in DERIVATIVES:
             raise ValueError(f"derivative must be one of {DERIVATIVES}, got {derivative!r}")
+        if not 0.0 < sd_fraction <= 1.0:
+            raise ValueError(f"sd_fraction must be in (0, 1], got {sd_fraction!r}")
         self.derivative = derivative
+        self.sd_fraction = sd_fraction
         self.fd_eps = fd_eps
         self.beta_a, self.beta_b = beta_a, beta_b
         self.adaptive_c, self.adaptive_p = adaptive_c, adaptive_p
@@ -92,19 +96,26 @@ class ISD(Method):
         z = torch.randn_like(actions)
         tb = t.view(-1, 1, 1)
         x_t = (1 - tb) * actions + tb * z
+        # The self-distillation term on the first k samples (all of them by default, as in
+        # METHOD.md); the flow-matching term on every sample. The batch is shuffled, so the
+        # first k are a random subset.
+        k = batch if self.sd_fraction >= 1.0 else max(1, round(self.sd_fraction * batch))
+        xs, ts, ss, cs = x_t[:k], t[:k], s[:k], cond[:k]
         # The diagonal F(x_t, t, t) and the jump F(x_t, t, s), both with gradient.
         if self.batch_passes:
-            f_diag, f_jump = model(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, s]), torch.cat([cond, cond])
-            ).chunk(2)
+            out = model(
+                torch.cat([x_t, xs]), torch.cat([t, ts]), torch.cat([t, ss]), torch.cat([cond, cs])
+            )
+            f_diag, f_jump = out[:batch], out[batch:]
         else:
-            f_diag, f_jump = model(x_t, t, t, cond), model(x_t, t, s, cond)
-        v_hat = f_diag.detach()  # the teacher velocity is the model's own diagonal, no gradient
-        d = self.time_derivative(model, x_t, t, s, cond, v_hat)
-        target = v_hat - (t - s).view(-1, 1, 1) * d
+            f_diag, f_jump = model(x_t, t, t, cond), model(xs, ts, ss, cs)
+        v_hat = f_diag[:k].detach()  # the teacher velocity is the model's own diagonal, no grad
+        d = self.time_derivative(model, xs, ts, ss, cs, v_hat)
+        target = v_hat - (ts - ss).view(-1, 1, 1) * d
         loss_fm = (f_diag - (z - actions)).pow(2).flatten(1).mean(dim=1)
         loss_sd = (f_jump - target).pow(2).flatten(1).mean(dim=1)
-        loss = adaptive_weighted(loss_fm + loss_sd, self.adaptive_c, self.adaptive_p)
+        per_sample = loss_fm + torch.nn.functional.pad(loss_sd, (0, batch - k))
+        loss = adaptive_weighted(per_sample, self.adaptive_c, self.adaptive_p)
         logs = {"loss_fm": loss_fm.detach().mean(), "loss_sd": loss_sd.detach().mean()}
         return loss, logs
 
