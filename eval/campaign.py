@@ -92,6 +92,9 @@ class Plan:
     # Task metrics that are shares of all episodes (e.g. two-goal PushT's reached_A, between):
     # pooled over seeds and shown beside score and success.
     rate_metrics: list[str] = field(default_factory=list)
+    # Two of the rate metrics whose balance matters (e.g. the two goals): the share of the first
+    # among the episodes that count for either, with its Wilson interval.
+    balance: list[str] = field(default_factory=list)
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -119,6 +122,12 @@ class Plan:
                     f"{path}: run {r.name!r} noise_sampler={r.noise_sampler!r} is not one of its "
                     f"samplers {samplers_of(r)}"
                 )
+        balance = raw.get("balance", [])
+        if balance and (len(balance) != 2 or not set(balance) <= set(raw.get("rate_metrics", []))):
+            raise SystemExit(
+                f"{path}: balance must name two of rate_metrics {raw.get('rate_metrics', [])}, "
+                f"got {balance}"
+            )
         raw["results"] = REPO / raw.get("results", f"eval/results/{raw['name']}")
         raw["marks_min"] = sorted(float(m) for m in raw["marks_min"])
         return Plan(runs=runs, **raw)
@@ -410,6 +419,36 @@ def pooled_rate(entries: list[dict], key: str) -> str:
     return f"{rate:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def pooled_balance(entries: list[dict], first: str, second: str) -> str:
+    """The share of ``first`` among the episodes counted by ``first`` or ``second`` (two
+    exclusive outcomes, e.g. the two goals), pooled over seeds, with its Wilson interval."""
+    from cm_policy.evaluation.runner import wilson_interval
+
+    a = sum(e[first] * e["n_episodes"] for e in entries)
+    b = sum(e[second] * e["n_episodes"] for e in entries)
+    n = round(a + b)
+    if n == 0:
+        return "- (none)"
+    lo, hi = wilson_interval(a / (a + b), n)
+    return f"{a / (a + b):.3f} [{lo:.3f}, {hi:.3f}] of {n}"
+
+
+def task_rates(plan: Plan, entries: list[dict]) -> str:
+    """The plan's rate metrics (and balance) of pooled entries as table cells."""
+    cells = "".join(f" {pooled_rate(entries, m)} |" for m in plan.rate_metrics)
+    if plan.balance:
+        cells += f" {pooled_balance(entries, *plan.balance)} |"
+    return cells
+
+
+def rate_headers(plan: Plan) -> tuple[str, str]:
+    names = [*plan.rate_metrics]
+    if plan.balance:
+        a, b = plan.balance
+        names.append(f"{a} / ({a} + {b})")
+    return "".join(f"| {m} " for m in names), "---|" * len(names)
+
+
 def write_report(
     plan: Plan, costs: dict[str, float], command: str, notes: list[str] | None = None
 ) -> Path:
@@ -455,9 +494,9 @@ def write_report(
         "## Score at each mark",
         "",
         "| run | sampler | minutes | seeds done | episodes | mean_score | success "
-        + "".join(f"| {m} " for m in plan.rate_metrics)
+        + rate_headers(plan)[0]
         + "|",
-        "|---|---|---|---|---|---|---|" + "---|" * len(plan.rate_metrics),
+        "|---|---|---|---|---|---|---|" + rate_headers(plan)[1],
     ]
     curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
     grid: dict[str, dict[float, str]] = {}
@@ -474,7 +513,7 @@ def write_report(
                     continue
                 p = pooled_entry(entries)
                 lo, hi = p["success_ci"]
-                rates = "".join(f" {pooled_rate(entries, m)} |" for m in plan.rate_metrics)
+                rates = task_rates(plan, entries)
                 lines.append(
                     f"| {r.name} | {label} | {minutes:g} | {len(entries)}/{len(r.seeds)} | "
                     f"{p['n']} | {p['score']:.3f} +- {p['score_half']:.3f} | "
@@ -535,6 +574,21 @@ def write_report(
                 f"| {r.name} | {s} | {f['headline']} | {cells[0]} | {cells[1]} | {latency} | "
                 f"{t['grad_median']:.3g} | {t['grad_p99']:.3g} | {t['nonfinite_steps']} |"
             )
+    noisy = [(r, s, f) for r, s, f in finals if f["noise"]]
+    if noisy and (plan.rate_metrics or plan.balance):
+        lines += [
+            "",
+            "Task rates of the noise diagnostic (each row one training seed's test episodes):",
+            "",
+            "| run | seed | noise | episodes " + rate_headers(plan)[0] + "|",
+            "|---|---|---|---|" + rate_headers(plan)[1],
+        ]
+        for r, s, f in noisy:
+            for kind, entry in f["noise"].items():
+                lines.append(
+                    f"| {r.name} | {s} | {kind} | {entry['n_episodes']} |"
+                    + task_rates(plan, [entry])
+                )
     stem = plan.results / plan.name
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +138,60 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
     reuse_file.write_text(yaml.safe_dump(reuse))
     wrong = subprocess.run([*again, "--report-only"], capture_output=True, text=True, check=False)
     assert wrong.returncode != 0 and "training.lr=1.0e-3" in wrong.stderr, wrong.stderr[-2000:]
+
+
+def test_report_pools_task_rates_and_the_balance_of_two_outcomes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A two-goal style plan: shares of all episodes and the balance of A among A + B, pooled over
+    seeds, in the score table and in the noise diagnostic's rates."""
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    import campaign
+
+    plan = {
+        "name": "modes",
+        "task": "pusht_twogoal",
+        "dataset": None,
+        "results": str(tmp_path),
+        "common": [],
+        "marks_min": [10],
+        "grain": 10,
+        "rate_metrics": ["reached_A", "reached_B"],
+        "balance": ["reached_A", "reached_B"],
+        "runs": [{"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]}],
+    }
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    loaded = campaign.Plan.load(plan_file)
+
+    def entry(n: int, a: int, b: int) -> dict:
+        return {
+            "n_episodes": n,
+            "mean_score": 0.5,
+            "success_rate": (a + b) / n,
+            "mean_score_ci95": [0.4, 0.6],
+            "reached_A": a / n,
+            "reached_B": b / n,
+        }
+
+    step = campaign.mark_steps(loaded, 1.0)[0]
+    final = {
+        "headline": "1",
+        "latency_ms": {"1": 1.0},
+        "noise": {"zero": entry(100, 0, 40), "mean:4": entry(100, 20, 20)},
+        "train": {"grad_median": 1.0, "grad_p99": 2.0, "nonfinite_steps": 0},
+    }
+    # Seed 0: 30 A, 10 B of 100; seed 1: 10 A, 30 B of 100 -> 40 A of 80 solved, pooled.
+    for seed, (a, b) in ((0, (30, 10)), (1, (10, 30))):
+        cache = {"marks": {str(step): {"minutes": 10, "entries": {"1": entry(100, a, b)}}}}
+        campaign.write_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {**cache, "final": final})
+    text = campaign.write_report(loaded, {"gen": 1.0}, "cmd").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| gen | 1 | 10 | 2/2 |"))
+    assert "| 0.200 [" in row  # reached_A pooled: 40 of 200 episodes
+    assert row.rstrip().endswith("of 80 |") and "| 0.500 [0.393, 0.607] of 80 |" in row
+    # The zero-noise diagnostic that reaches only B shows a balance of 0 among its 40 solved.
+    assert "| gen | 0 | zero | 100 | 0.000 [" in text and "| 0.000 [0.000, 0.088] of 40 |" in text
+    # A balance that names anything but two rate metrics is refused when the plan is read.
+    plan_file.write_text(yaml.safe_dump({**plan, "balance": ["reached_A", "between"]}))
+    with pytest.raises(SystemExit, match="balance must name two of rate_metrics"):
+        campaign.Plan.load(plan_file)
