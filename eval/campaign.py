@@ -461,6 +461,7 @@ def write_report(
     from cm_policy.evaluation.machine import describe_machine
 
     caches = {(r.name, s): read_cache(cache_path(plan, r, s)) for r in plan.runs for s in r.seeds}
+    rate_head, rate_rule = rate_headers(plan)
     machines = sorted({m for c in caches.values() for m in c.get("machines", [])})
     lines = [
         f"# Campaign `{plan.name}`: {plan.task}, equal training compute",
@@ -494,9 +495,9 @@ def write_report(
         "## Score at each mark",
         "",
         "| run | sampler | minutes | seeds done | episodes | mean_score | success "
-        + rate_headers(plan)[0]
+        + rate_head
         + "|",
-        "|---|---|---|---|---|---|---|" + rate_headers(plan)[1],
+        "|---|---|---|---|---|---|---|" + rate_rule,
     ]
     curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
     grid: dict[str, dict[float, str]] = {}
@@ -580,8 +581,8 @@ def write_report(
             "",
             "Task rates of the noise diagnostic (each row one training seed's test episodes):",
             "",
-            "| run | seed | noise | episodes " + rate_headers(plan)[0] + "|",
-            "|---|---|---|---|" + rate_headers(plan)[1],
+            "| run | seed | noise | episodes " + rate_head + "|",
+            "|---|---|---|---|" + rate_rule,
         ]
         for r, s, f in noisy:
             for kind, entry in f["noise"].items():

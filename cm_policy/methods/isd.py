@@ -99,7 +99,7 @@ class ISD(Method):
         # The self-distillation term on the first k samples (all of them by default, as in
         # METHOD.md); the flow-matching term on every sample. The batch is shuffled, so the
         # first k are a random subset.
-        k = batch if self.sd_fraction >= 1.0 else max(1, round(self.sd_fraction * batch))
+        k = max(1, round(self.sd_fraction * batch))
         xs, ts, ss, cs = x_t[:k], t[:k], s[:k], cond[:k]
         # The diagonal F(x_t, t, t) and the jump F(x_t, t, s), both with gradient.
         if self.batch_passes:
