@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -95,6 +96,9 @@ class Plan:
     # Two of the rate metrics whose balance matters (e.g. the two goals): the share of the first
     # among the episodes that count for either, with its Wilson interval.
     balance: list[str] = field(default_factory=list)
+    # "run sampler" (e.g. "isd 1"): every other entry is compared with it at each mark, the
+    # difference with its 95% interval.
+    reference: str = ""
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -127,6 +131,12 @@ class Plan:
             raise SystemExit(
                 f"{path}: balance must name two of rate_metrics {raw.get('rate_metrics', [])}, "
                 f"got {balance}"
+            )
+        entries = [f"{r.name} {label}" for r in runs for label in samplers_of(r)]
+        if raw.get("reference") and raw["reference"] not in entries:
+            raise SystemExit(
+                f"{path}: reference must be one of the plan's 'run sampler' entries {entries}, "
+                f"got {raw['reference']!r}"
             )
         raw["results"] = REPO / raw.get("results", f"eval/results/{raw['name']}")
         raw["marks_min"] = sorted(float(m) for m in raw["marks_min"])
@@ -449,6 +459,62 @@ def rate_headers(plan: Plan) -> tuple[str, str]:
     return "".join(f"| {m} " for m in names), "---|" * len(names)
 
 
+def difference(entries: list[dict], reference: list[dict]) -> tuple[float, float, float, tuple]:
+    """Pooled mean_score and success rate of ``entries`` minus those of ``reference``: the score
+    difference with the half-width of its 95% interval (the two pooled intervals combined as
+    independent), the success difference with its 95% interval (Newcombe's, from the two
+    Wilson intervals, which stays sound at rates of 0 or 1)."""
+    a, b = pooled_entry(entries), pooled_entry(reference)
+    score_half = math.hypot(a["score_half"], b["score_half"])
+    (la, ua), (lb, ub) = a["success_ci"], b["success_ci"]
+    pa, pb = a["success"], b["success"]
+    d = pa - pb
+    interval = (d - math.hypot(pa - la, ub - pb), d + math.hypot(ua - pa, pb - lb))
+    return a["score"] - b["score"], score_half, d, interval
+
+
+def reading(low: float, high: float) -> str:
+    """'above' or 'below' when the 95% interval of a difference excludes 0, else 'level'."""
+    return "above" if low > 0 else "below" if high < 0 else "level"
+
+
+def against_reference(plan: Plan, pools: dict[tuple[str, float], tuple[list[dict], int]]) -> list:
+    """Report lines: every entry minus the plan's reference entry at each mark."""
+    ref = plan.reference
+    lines = [
+        "",
+        f"## Against `{ref}`",
+        "",
+        f"Each entry minus `{ref}` at the same mark, pooled over the seeds done: the difference "
+        "of mean_score +- the half-width of its 95% interval (the pooled intervals combined as "
+        "independent) and of the success rate with its 95% interval (Newcombe's); above / "
+        f"below when the interval excludes 0 (the entry above or below `{ref}`), level "
+        "otherwise. The intervals count test episodes only: the last column shows each training "
+        "seed's own score, the spread that 2 seeds cannot bound.",
+        "",
+        "| entry | minutes | seeds done (entry; reference) | mean_score difference "
+        "| success difference | score, success | seeds' scores (entry; reference) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = list(dict.fromkeys(name for name, _ in pools))
+    for name in names:
+        if name == ref:
+            continue
+        for minutes in plan.marks_min:
+            if (name, minutes) not in pools or (ref, minutes) not in pools:
+                continue
+            (entries, n_seeds), (reference, n_ref) = pools[name, minutes], pools[ref, minutes]
+            ds, hs, dp, (lp, hp) = difference(entries, reference)
+            seeds = ", ".join(f"{e['mean_score']:.3f}" for e in entries)
+            ref_seeds = ", ".join(f"{e['mean_score']:.3f}" for e in reference)
+            lines.append(
+                f"| {name} | {minutes:g} | {len(entries)}/{n_seeds}; {len(reference)}/{n_ref} | "
+                f"{ds:+.3f} +- {hs:.3f} | {dp:+.3f} [{lp:+.3f}, {hp:+.3f}] | "
+                f"{reading(ds - hs, ds + hs)}, {reading(lp, hp)} | {seeds}; {ref_seeds} |"
+            )
+    return lines
+
+
 def write_report(
     plan: Plan, costs: dict[str, float], command: str, notes: list[str] | None = None
 ) -> Path:
@@ -501,6 +567,7 @@ def write_report(
     ]
     curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
     grid: dict[str, dict[float, str]] = {}
+    pools: dict[tuple[str, float], tuple[list[dict], int]] = {}  # entry, minutes -> seeds' evals
     for r in plan.runs:
         steps = mark_steps(plan, costs[r.name])
         for label in samplers_of(r):
@@ -513,6 +580,7 @@ def write_report(
                 if not entries:
                     continue
                 p = pooled_entry(entries)
+                pools[f"{r.name} {label}", minutes] = (entries, len(r.seeds))
                 lo, hi = p["success_ci"]
                 rates = task_rates(plan, entries)
                 lines.append(
@@ -543,6 +611,8 @@ def write_report(
             lines.append(
                 f"| {name} | " + " | ".join(row.get(m, "-") for m in plan.marks_min) + " |"
             )
+    if plan.reference:
+        lines += against_reference(plan, pools)
     finals = [(r, s, caches[r.name, s].get("final")) for r in plan.runs for s in r.seeds]
     finals = [(r, s, f) for r, s, f in finals if f]
     if finals:

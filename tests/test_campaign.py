@@ -195,3 +195,62 @@ def test_report_pools_task_rates_and_the_balance_of_two_outcomes(
     plan_file.write_text(yaml.safe_dump({**plan, "balance": ["reached_A", "between"]}))
     with pytest.raises(SystemExit, match="balance must name two of rate_metrics"):
         campaign.Plan.load(plan_file)
+
+
+def test_report_compares_every_entry_with_the_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each entry minus the reference at a mark: the score difference with the two pooled
+    intervals combined, the success difference with its normal interval, and the reading."""
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    import campaign
+
+    plan = {
+        "name": "versus",
+        "task": "pusht_keypoints",
+        "dataset": None,
+        "results": str(tmp_path),
+        "common": [],
+        "marks_min": [10],
+        "grain": 10,
+        "reference": "gen 1",
+        "runs": [
+            {"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]},
+            {"name": "avg", "method": "regression", "seeds": [0, 1]},
+        ],
+    }
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    loaded = campaign.Plan.load(plan_file)
+    step = campaign.mark_steps(loaded, 1.0)[0]
+
+    def entry(score: float, half: float, success: float) -> dict:
+        return {
+            "n_episodes": 100,
+            "mean_score": score,
+            "mean_score_ci95": [score - half, score + half],
+            "success_rate": success,
+        }
+
+    for name, e in (("gen", entry(0.5, 0.1, 0.40)), ("avg", entry(0.8, 0.05, 0.45))):
+        for seed in (0, 1):
+            label = "1"
+            cache = {"marks": {str(step): {"minutes": 10, "entries": {label: e}}}}
+            campaign.write_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
+    text = campaign.write_report(loaded, {"gen": 1.0, "avg": 1.0}, "cmd").read_text()
+    assert "## Against `gen 1`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| avg 1 | 10 |"))
+    # Score: 0.3 +- hypot(0.1 / sqrt 2, 0.05 / sqrt 2) = 0.079, above; success: 0.05 with
+    # Newcombe's interval from the Wilson intervals of 90/200 and 80/200, level.
+    assert "| +0.300 +- 0.079 | +0.050 [-0.047, +0.145] | above, level |" in row
+    assert row.endswith("| 0.800, 0.800; 0.500, 0.500 |")
+    assert not any(line.startswith("| gen 1 | 10 |") for line in text.splitlines())
+    assert campaign.reading(-0.15, -0.05) == "below" and campaign.reading(-0.04, 0.06) == "level"
+    # Rates of 0 on both sides: an interval around 0 of the Wilson widths, not a point.
+    zero = [{**e, "success_rate": 0.0} for e in (entry(0.3, 0.05, 0), entry(0.5, 0.1, 0))]
+    _, _, d, (low, high) = campaign.difference([zero[0]] * 2, [zero[1]] * 2)
+    assert d == 0 and low == pytest.approx(-0.0188, abs=1e-4) and high == -low
+    # A reference that is not one of the plan's entries is refused when the plan is read.
+    plan_file.write_text(yaml.safe_dump({**plan, "reference": "gen 16"}))
+    with pytest.raises(SystemExit, match="reference must be one of"):
+        campaign.Plan.load(plan_file)
