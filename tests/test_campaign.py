@@ -140,6 +140,18 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
     assert wrong.returncode != 0 and "training.lr=1.0e-3" in wrong.stderr, wrong.stderr[-2000:]
 
 
+def report_plan(tmp_path: Path, **fields) -> dict:
+    """A one-mark plan for report tests on hand-made caches in ``tmp_path``; ``fields`` added."""
+    base = {
+        "dataset": None,
+        "results": str(tmp_path),
+        "common": [],
+        "marks_min": [10],
+        "grain": 10,
+    }
+    return {**base, **fields}
+
+
 def test_report_pools_task_rates_and_the_balance_of_two_outcomes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -148,18 +160,14 @@ def test_report_pools_task_rates_and_the_balance_of_two_outcomes(
     monkeypatch.syspath_prepend(str(REPO / "eval"))
     import campaign
 
-    plan = {
-        "name": "modes",
-        "task": "pusht_twogoal",
-        "dataset": None,
-        "results": str(tmp_path),
-        "common": [],
-        "marks_min": [10],
-        "grain": 10,
-        "rate_metrics": ["reached_A", "reached_B"],
-        "balance": ["reached_A", "reached_B"],
-        "runs": [{"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]}],
-    }
+    plan = report_plan(
+        tmp_path,
+        name="modes",
+        task="pusht_twogoal",
+        rate_metrics=["reached_A", "reached_B"],
+        balance=["reached_A", "reached_B"],
+        runs=[{"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]}],
+    )
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
     loaded = campaign.Plan.load(plan_file)
@@ -201,24 +209,20 @@ def test_report_compares_every_entry_with_the_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Each entry minus the reference at a mark: the score difference with the two pooled
-    intervals combined, the success difference with its normal interval, and the reading."""
+    intervals combined, the success difference with Newcombe's interval, and the reading."""
     monkeypatch.syspath_prepend(str(REPO / "eval"))
     import campaign
 
-    plan = {
-        "name": "versus",
-        "task": "pusht_keypoints",
-        "dataset": None,
-        "results": str(tmp_path),
-        "common": [],
-        "marks_min": [10],
-        "grain": 10,
-        "reference": "gen 1",
-        "runs": [
+    plan = report_plan(
+        tmp_path,
+        name="versus",
+        task="pusht_keypoints",
+        reference="gen 1",
+        runs=[
             {"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]},
             {"name": "avg", "method": "regression", "seeds": [0, 1]},
         ],
-    }
+    )
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
     loaded = campaign.Plan.load(plan_file)
@@ -234,8 +238,7 @@ def test_report_compares_every_entry_with_the_reference(
 
     for name, e in (("gen", entry(0.5, 0.1, 0.40)), ("avg", entry(0.8, 0.05, 0.45))):
         for seed in (0, 1):
-            label = "1"
-            cache = {"marks": {str(step): {"minutes": 10, "entries": {label: e}}}}
+            cache = {"marks": {str(step): {"minutes": 10, "entries": {"1": e}}}}
             campaign.write_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
     text = campaign.write_report(loaded, {"gen": 1.0, "avg": 1.0}, "cmd").read_text()
     assert "## Against `gen 1`" in text
