@@ -12,6 +12,7 @@ import torch
 from cm_policy.checkpoint import load_policy, resolve_checkpoint
 from cm_policy.data import LinearNormalizer
 from cm_policy.methods import make_method
+from cm_policy.models.encoders import ImageEncoder
 from cm_policy.models.unet import ConditionalUnet1D
 from cm_policy.policy import Policy
 
@@ -239,3 +240,25 @@ def test_loading_a_policy_imports_no_training_code():
         imported = [line.split("|")[-1].strip() for line in out.stderr.splitlines()]
         assert "cm_policy.policy" in imported  # the probe sees the package's imports
         assert not [m for m in imported if m.startswith("cm_policy.training")], statement
+
+
+def test_image_crops_are_each_samples_window_and_the_layout_changes_no_value():
+    """Training: each sample's random c x c window at its drawn offsets; evaluation: the centre.
+    The encoder's output is that of the same network on plain (N, C, H, W) float images."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder(["image"], {"agent_pos": 2}, n_obs_steps=1, crop=4, widths=(8, 8, 8, 8))
+    x = torch.arange(6 * 3 * 8 * 8, dtype=torch.float32).reshape(6, 3, 8, 8)
+    torch.manual_seed(1)
+    crops = encoder.train()._crop(x)
+    torch.manual_seed(1)
+    top, left = torch.randint(0, 5, (6,)), torch.randint(0, 5, (6,))
+    assert crops.shape == (6, 3, 4, 4)
+    assert len(set(zip(top.tolist(), left.tolist(), strict=True))) > 1  # offsets differ
+    for i in range(6):
+        assert torch.equal(crops[i], x[i, :, top[i] : top[i] + 4, left[i] : left[i] + 4])
+    assert torch.equal(encoder.eval()._crop(x), x[..., 2:6, 2:6])
+    images = torch.randint(0, 256, (2, 1, 8, 8, 3), dtype=torch.uint8)
+    obs = {"image": images, "agent_pos": torch.zeros(2, 1, 2)}
+    plain = images[:, 0].permute(0, 3, 1, 2)[..., 2:6, 2:6].float().contiguous() / 255.0
+    expected = encoder.backbones["image"](plain)
+    assert torch.allclose(encoder(obs)[:, :8], expected, atol=1e-5)
