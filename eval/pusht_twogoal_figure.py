@@ -22,7 +22,7 @@ import yaml
 from matplotlib.patches import Polygon
 
 from cm_policy.envs.pusht import WINDOW_SIZE, tee_polygons
-from cm_policy.tasks.pusht_twogoal import GOALS
+from cm_policy.tasks.pusht_twogoal import GOAL_NAMES, GOALS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,14 +59,15 @@ def main() -> None:
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (title, outcomes) in zip(axes.flat, panels, strict=False):
-        for goal in GOALS:
+        for name, goal in zip(GOAL_NAMES, GOALS, strict=True):
             draw_tee(ax, goal, facecolor="none", edgecolor="tab:green", lw=1.5)
+            ax.text(goal[0], goal[1] + 95, name, color="tab:green", ha="center", fontsize=9)
         for o in outcomes:
             color = "tab:green" if o["goal"] else "tab:red" if o["between"] else "0.5"
             draw_tee(ax, o["final_block"], facecolor=color, edgecolor="none", alpha=0.08)
-        reached = sum(o["goal"] is not None for o in outcomes)
+        counts = ", ".join(f"{g} {sum(o['goal'] == g for o in outcomes)}" for g in GOAL_NAMES)
         between = sum(o["between"] for o in outcomes)
-        ax.set_title(f"{title}\n{reached} reached, {between} between", fontsize=8)
+        ax.set_title(f"{title} ({len(outcomes)} episodes)\n{counts}, between {between}", fontsize=8)
         ax.set_xlim(0, WINDOW_SIZE)
         ax.set_ylim(WINDOW_SIZE, 0)
         ax.set_aspect("equal")
@@ -74,6 +75,11 @@ def main() -> None:
         ax.set_yticks([])
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
+    fig.suptitle(
+        "final block pose of each episode at the last mark: green on a goal, red between the "
+        "goals, grey elsewhere",
+        fontsize=9,
+    )
     fig.tight_layout()
     out = results / f"{plan['name']}_final_poses.png"
     fig.savefig(out, dpi=110)
