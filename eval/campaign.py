@@ -248,11 +248,13 @@ def take_reused(
             target = cache_path(plan, run, seed)
             if read_cache(target) != cache:
                 write_atomic(target, cache)
+        here = ", ".join(f"{s * costs[run.name] / 60:.1f}" for s in mark_steps(plan, cost))
         notes.append(
             f"`{run.name}` is the run `{source.name}` of `{path}` (the same "
             f"overrides, seeds, test episodes and marks; its caches, not trained again): step cost "
             f"{cost:.3f} s there, which places its marks; {costs[run.name]:.3f} s measured here "
-            "beside this plan's other runs."
+            f"beside this plan's other runs, by which its marks are at {here} minutes "
+            "(the other runs' marks are measured by this plan's costs)."
         )
         costs[run.name] = cost
     return notes

@@ -134,6 +134,10 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
     assert copied["marks"] == original["marks"] and copied["reused_from"].endswith(":isd seed 0")
     report = (tmp_path / "reuse_results" / "tiny_reuse.md").read_text()
     assert "is the run `isd` of" in report and f"| {costs['isd']:.3f} |" in report
+    # Its marks in this plan's minutes: its steps at the cost measured beside this plan's runs.
+    here = json.loads((tmp_path / "reuse_results" / "step_costs.json").read_text())["isd_again"]
+    minutes = ", ".join(f"{s * here / 60:.1f}" for s in sorted(map(int, original["marks"])))
+    assert f"its marks are at {minutes} minutes" in report
     reuse["common"] = [*plan["common"], "training.lr=1.0e-3"]
     reuse_file.write_text(yaml.safe_dump(reuse))
     wrong = subprocess.run([*again, "--report-only"], capture_output=True, text=True, check=False)
