@@ -461,12 +461,11 @@ def rate_headers(plan: Plan) -> tuple[str, str]:
     return "".join(f"| {m} " for m in names), "---|" * len(names)
 
 
-def difference(entries: list[dict], reference: list[dict]) -> tuple[float, float, float, tuple]:
-    """Pooled mean_score and success rate of ``entries`` minus those of ``reference``: the score
-    difference with the half-width of its 95% interval (the two pooled intervals combined as
-    independent), the success difference with its 95% interval (Newcombe's, from the two
-    Wilson intervals, which stays sound at rates of 0 or 1)."""
-    a, b = pooled_entry(entries), pooled_entry(reference)
+def difference(a: dict, b: dict) -> tuple[float, float, float, tuple]:
+    """Entry ``a`` minus entry ``b`` (each pooled by ``pooled_entry``): the mean_score difference
+    with the half-width of its 95% interval (the two pooled intervals combined as independent),
+    the success difference with its 95% interval (Newcombe's, from the two Wilson intervals,
+    which stays sound at rates of 0 or 1)."""
     score_half = math.hypot(a["score_half"], b["score_half"])
     (la, ua), (lb, ub) = a["success_ci"], b["success_ci"]
     pa, pb = a["success"], b["success"]
@@ -480,7 +479,9 @@ def reading(low: float, high: float) -> str:
     return "above" if low > 0 else "below" if high < 0 else "level"
 
 
-def against_reference(plan: Plan, pools: dict[tuple[str, float], tuple[list[dict], int]]) -> list:
+def against_reference(
+    plan: Plan, pools: dict[tuple[str, float], tuple[list[dict], int, dict]]
+) -> list:
     """Report lines: every entry minus the plan's reference entry at each mark."""
     ref = plan.reference
     lines = [
@@ -505,8 +506,9 @@ def against_reference(plan: Plan, pools: dict[tuple[str, float], tuple[list[dict
         for minutes in plan.marks_min:
             if (name, minutes) not in pools or (ref, minutes) not in pools:
                 continue
-            (entries, n_seeds), (reference, n_ref) = pools[name, minutes], pools[ref, minutes]
-            ds, hs, dp, (lp, hp) = difference(entries, reference)
+            entries, n_seeds, pooled = pools[name, minutes]
+            reference, n_ref, ref_pooled = pools[ref, minutes]
+            ds, hs, dp, (lp, hp) = difference(pooled, ref_pooled)
             seeds = ", ".join(f"{e['mean_score']:.3f}" for e in entries)
             ref_seeds = ", ".join(f"{e['mean_score']:.3f}" for e in reference)
             lines.append(
@@ -569,7 +571,8 @@ def write_report(
     ]
     curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
     grid: dict[str, dict[float, str]] = {}
-    pools: dict[tuple[str, float], tuple[list[dict], int]] = {}  # entry, minutes -> seeds' evals
+    # (entry, minutes) -> the seeds' evaluations, the number of seeds, and their pooled figures
+    pools: dict[tuple[str, float], tuple[list[dict], int, dict]] = {}
     for r in plan.runs:
         steps = mark_steps(plan, costs[r.name])
         for label in samplers_of(r):
@@ -582,7 +585,7 @@ def write_report(
                 if not entries:
                     continue
                 p = pooled_entry(entries)
-                pools[f"{r.name} {label}", minutes] = (entries, len(r.seeds))
+                pools[f"{r.name} {label}", minutes] = (entries, len(r.seeds), p)
                 lo, hi = p["success_ci"]
                 rates = task_rates(plan, entries)
                 lines.append(

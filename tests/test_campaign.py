@@ -255,7 +255,8 @@ def test_report_compares_every_entry_with_the_reference(
     assert campaign.reading(-0.15, -0.05) == "below" and campaign.reading(-0.04, 0.06) == "level"
     # Rates of 0 on both sides: an interval around 0 of the Wilson widths, not a point.
     zero = [{**e, "success_rate": 0.0} for e in (entry(0.3, 0.05, 0), entry(0.5, 0.1, 0))]
-    _, _, d, (low, high) = campaign.difference([zero[0]] * 2, [zero[1]] * 2)
+    pooled = [campaign.pooled_entry([z] * 2) for z in zero]
+    _, _, d, (low, high) = campaign.difference(*pooled)
     assert d == 0 and low == pytest.approx(-0.0188, abs=1e-4) and high == -low
     # A reference that is not one of the plan's entries is refused when the plan is read.
     plan_file.write_text(yaml.safe_dump({**plan, "reference": "gen 16"}))
