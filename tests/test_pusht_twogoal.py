@@ -4,6 +4,7 @@ mode metrics."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,23 @@ def test_generate_train_and_evaluate_with_mode_metrics(tmp_path):
     assert all(o["goal"] is None and len(o["final_block"]) == 3 for o in outcomes)
     assert metrics["reached_A"] == metrics["reached_B"] == 0.0
     assert metrics["between"] == np.mean([o["between"] for o in outcomes])
+
+
+def test_still_agent_floor_follows_where_the_block_starts(monkeypatch: pytest.MonkeyPatch):
+    """eval/twogoal_still.py: an agent that never moves ends 'between' exactly when its block
+    started there, and reaches no goal."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
+    import twogoal_still
+
+    env = TwoGoalPushTEnv()
+    started = {}
+    for seed in range(100000, 100040):
+        _, info = env.reset(seed=seed)
+        started[seed] = is_between(info["state"][2:4])
+    assert any(started.values()) and not all(started.values())
+    for seed in [
+        next(s for s, b in started.items() if b),
+        next(s for s, b in started.items() if not b),
+    ]:
+        best, reached, between = twogoal_still.still_episode(env, seed, steps=50)
+        assert reached == -1 and between == started[seed] and 0.0 <= best < 1.0
