@@ -142,7 +142,8 @@ def test_still_agent_floor_follows_where_the_block_starts(monkeypatch: pytest.Mo
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
     import twogoal_still
 
-    env = TwoGoalPushTEnv()
+    task = load_task(TASK)
+    env = task.make_env()
     started = {}
     for seed in range(100000, 100040):
         _, info = env.reset(seed=seed)
@@ -152,5 +153,6 @@ def test_still_agent_floor_follows_where_the_block_starts(monkeypatch: pytest.Mo
         next(s for s, b in started.items() if b),
         next(s for s, b in started.items() if not b),
     ]:
-        best, reached, between = twogoal_still.still_episode(env, seed, steps=50)
-        assert reached == -1 and between == started[seed] and 0.0 <= best < 1.0
+        result = twogoal_still.still_episode(task, env, seed, steps=50)
+        assert result.outcome["goal"] is None and not result.success
+        assert result.outcome["between"] == started[seed] and 0.0 <= result.max_reward < 1.0
