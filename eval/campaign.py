@@ -1,6 +1,7 @@
 """Campaigns: long comparisons at equal training compute, resumable at any moment.
 
     python eval/campaign.py eval/plans/pusht_recipe.yaml [--jobs 2] [--root DIR] [--report-only]
+    python eval/campaign.py PLAN --runs flow,regression --seeds 0   # train only these pairs now
     python eval/campaign.py PLAN --device cuda --jobs 8 --threads 2 --n-envs 250 --results DIR
 
 A plan (YAML) lists runs (a name, a method, training seeds, config overrides, sampler settings)
@@ -709,6 +710,11 @@ def main() -> None:
         "step_costs.json is copied there first, so the marks stay the same steps",
     )
     parser.add_argument("--runs", default=None, help="comma-separated run names (all)")
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated training seeds (all): e.g. only the pairs that finish in a session",
+    )
     parser.add_argument("--dataset", default=None, help="the plan's data set elsewhere (a copy)")
     parser.add_argument("--root", type=Path, default=None, help="run folders (default runs/NAME)")
     parser.add_argument("--report-only", action="store_true")
@@ -730,6 +736,14 @@ def main() -> None:
             known = [r.name for r in plan.runs]
             raise SystemExit(f"--runs: {unknown} are not among the plan's runs {known}")
         plan.runs = [r for r in plan.runs if r.name in names]
+    # --seeds chooses what is trained now (e.g. the pairs that finish in a session); the report
+    # still covers every seed of the plan.
+    seeds = {s for r in plan.runs for s in r.seeds}
+    if args.seeds:
+        wanted = {int(s) for s in args.seeds.split(",")}
+        if not wanted <= seeds:
+            raise SystemExit(f"--seeds: {sorted(wanted - seeds)} are not among {sorted(seeds)}")
+        seeds = wanted
     if args.no_reuse:
         for run in plan.runs:
             run.reuse = None
@@ -763,7 +777,8 @@ def main() -> None:
     notes = take_reused(plan, costs, sources)
     # Seed by seed, so that every run's first seed is done (and comparable) before second seeds.
     pairs = sorted(
-        ((r, s) for r in plan.runs for s in r.seeds), key=lambda rs: plan.seed_index(rs[1])
+        ((r, s) for r in plan.runs for s in r.seeds if s in seeds),
+        key=lambda rs: plan.seed_index(rs[1]),
     )
     todo = [(plan, r, s, root, costs, setup) for r, s in pairs if pending(plan, r, s, costs)]
     if todo and not args.report_only:

@@ -90,6 +90,10 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         [*command, "--runs", "nosuch", "--report-only"], capture_output=True, text=True, check=False
     )
     assert wrong.returncode != 0 and "nosuch" in wrong.stderr and "'isd'" in wrong.stderr
+    wrong = subprocess.run(
+        [*command, "--seeds", "0,7", "--report-only"], capture_output=True, text=True, check=False
+    )
+    assert wrong.returncode != 0 and "--seeds: [7]" in wrong.stderr, wrong.stderr[-2000:]
     # A noise diagnostic on a sampler the run does not evaluate is refused when the plan is read.
     bad = {**plan, "runs": [{**plan["runs"][0], "noise_sampler": "16"}]}
     bad_file = tmp_path / "bad.yaml"
