@@ -156,3 +156,29 @@ def test_still_agent_floor_follows_where_the_block_starts(monkeypatch: pytest.Mo
         result = twogoal_still.still_episode(task, env, seed, steps=50)
         assert result.outcome["goal"] is None and not result.success
         assert result.outcome["between"] == started[seed] and 0.0 <= result.max_reward < 1.0
+
+
+def test_mode_split_per_initial_state(monkeypatch: pytest.MonkeyPatch):
+    """eval/twogoal_modes.py on hand-made draws: a state whose draws reach both goals is split,
+    one whose draws all reach A is not, and a state with one goal reached does not count."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
+    import twogoal_modes
+
+    ends = {1: ["A", "B", "A", "A"], 2: ["A", "A", "A", "A"], 3: ["B", "none", "between", "none"]}
+    episodes = [
+        {"seed": s, "ended": e, "success": e in ("A", "B"), "max_reward": 1.0 if e in ("A", "B") else 0.5}
+        for s, row in ends.items()
+        for e in row
+    ]
+    summary = twogoal_modes.summarize_modes(episodes)
+    assert summary["states"] == 3 and summary["episodes"] == 12
+    assert summary["success_rate"] == pytest.approx(9 / 12)
+    assert summary["balance_A"] == pytest.approx(7 / 9)
+    assert summary["between"] == pytest.approx(1 / 12)
+    assert summary["states_two_reached"] == 2 and summary["split"] == pytest.approx(0.5)
+    assert summary["minority"] == pytest.approx((1 / 4 + 0) / 2)
+    assert summary["all_alike"] == pytest.approx(1 / 3)
+    assert twogoal_modes.outcome_name({"goal": None, "between": True}) == "between"
+    assert twogoal_modes.outcome_name({"goal": "B", "between": False}) == "B"
+    keys = {twogoal_modes.noise_key(s, d, 4) for s in range(100000, 100010) for d in range(4)}
+    assert len(keys) == 40 and min(keys) > 10**6  # distinct, and apart from the env seeds

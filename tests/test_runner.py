@@ -65,6 +65,48 @@ class HoldStillSeeded(HoldStill):
         return super().predict_action(obs)
 
 
+class RecordNoise(HoldStill):
+    """Holds still and records, per call, each row's first draw from its generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws: list[list[float]] = []
+
+    def predict_action(self, obs, generator=None):
+        import torch
+
+        self.draws.append([float(torch.rand(1, generator=g)) for g in generator])
+        return super().predict_action(obs)
+
+
+def test_noise_keys_give_one_initial_state_several_draws():
+    """With ``noise_keys`` the noise follows the key, not the env seed: one initial state under
+    two keys gets two noise streams, the same key the same stream; a key per seed is required."""
+    env_fn = load_task(TASK).env_factory()
+    policy = RecordNoise()
+    results = run_episodes(
+        policy, env_fn, [7, 7, 7], n_envs=3, layout="sync", max_steps=16, progress=False,
+        seeded_noise=True, noise_keys=[1, 2, 1],
+    )  # fmt: skip
+    assert [r.seed for r in results] == [7, 7, 7]
+    assert len(policy.draws) == 2  # 16 steps of 8-action chunks
+    for chunk in policy.draws:
+        assert chunk[0] == chunk[2] and chunk[0] != chunk[1]
+    assert policy.draws[0] != policy.draws[1]  # and per chunk
+    plain = RecordNoise()
+    run_episodes(plain, env_fn, [7], n_envs=1, max_steps=8, progress=False, seeded_noise=True)
+    keyed = RecordNoise()
+    run_episodes(
+        keyed, env_fn, [5], n_envs=1, max_steps=8, progress=False, seeded_noise=True,
+        noise_keys=[7],
+    )  # fmt: skip
+    assert plain.draws == keyed.draws  # without keys the seed is the key
+    with pytest.raises(ValueError, match="one key per seed"):
+        run_episodes(policy, env_fn, [7, 7], seeded_noise=True, noise_keys=[1], progress=False)
+    with pytest.raises(ValueError, match="needs seeded_noise"):
+        run_episodes(policy, env_fn, [7], noise_keys=[1], progress=False)
+
+
 class Refuse:
     def predict_action(self, obs, generator=None):
         raise AssertionError("every episode was done: nothing should run")

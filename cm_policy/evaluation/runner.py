@@ -98,6 +98,7 @@ def run_episodes(
     progress: bool = True,
     predict_kwargs: Mapping[str, Any] | None = None,
     seeded_noise: bool = False,
+    noise_keys: Sequence[int] | None = None,
     vector_env: gym.vector.VectorEnv | None = None,
     outcome_keys: Sequence[str] = (),
     outcome: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -108,10 +109,17 @@ def run_episodes(
     ``outcome``: called with each episode's last ``info`` values of ``outcome_keys`` (those of
     its last step, or of the reset for an episode of no step); its dict is the result's
     ``outcome``. ``seeded_noise``: ``predict_action`` gets ``generator=`` one generator per env
-    (:func:`chunk_generators`), so results do not depend on ``n_envs`` or ``layout``.
+    (:func:`chunk_generators`), so results do not depend on ``n_envs`` or ``layout``; its
+    generators are keyed by ``noise_keys`` (one per seed) where given, else by the seeds, so one
+    initial state can be run under several noise draws.
     ``on_wave``: called with the results of each wave of episodes as it ends.
     """
     seeds = [int(s) for s in seeds]
+    keys = seeds if noise_keys is None else [int(k) for k in noise_keys]
+    if len(keys) != len(seeds):
+        raise ValueError(f"noise_keys must give one key per seed ({len(seeds)}), got {len(keys)}")
+    if noise_keys is not None and not seeded_noise:
+        raise ValueError("noise_keys needs seeded_noise=True")
     if n_videos and video_dir is None:
         raise ValueError("n_videos > 0 needs a video_dir")
     n_envs = max(1, min(n_envs, len(seeds)))
@@ -124,9 +132,11 @@ def run_episodes(
     try:
         for start in range(0, len(seeds), n_envs):
             wave = seeds[start : start + n_envs]
+            wave_keys = keys[start : start + n_envs]
             first = len(results)
             # Unused envs of a short last wave run a copy of the wave's first seed.
             padded = wave + [wave[0]] * (n_envs - len(wave))
+            padded_keys = wave_keys + [wave_keys[0]] * (n_envs - len(wave))
             obs, reset_info = envs.reset(seed=padded)
             history = stack_obs(obs, n_obs_steps)
             active = np.zeros(n_envs, dtype=bool)
@@ -148,7 +158,7 @@ def run_episodes(
                 # replays its last chunk, ignored): the forward shrinks as episodes end.
                 rows = np.flatnonzero(active)
                 if seeded_noise:
-                    kwargs["generator"] = chunk_generators([padded[i] for i in rows], chunk)
+                    kwargs["generator"] = chunk_generators([padded_keys[i] for i in rows], chunk)
                 chunk += 1
                 window = (
                     history if len(rows) == n_envs else {k: v[rows] for k, v in history.items()}
