@@ -166,7 +166,12 @@ def test_mode_split_per_initial_state(monkeypatch: pytest.MonkeyPatch):
 
     ends = {1: ["A", "B", "A", "A"], 2: ["A", "A", "A", "A"], 3: ["B", "none", "between", "none"]}
     episodes = [
-        {"seed": s, "ended": e, "success": e in ("A", "B"), "max_reward": 1.0 if e in ("A", "B") else 0.5}
+        {
+            "seed": s,
+            "ended": e,
+            "success": e in ("A", "B"),
+            "max_reward": 1.0 if e in ("A", "B") else 0.5,
+        }
         for s, row in ends.items()
         for e in row
     ]
