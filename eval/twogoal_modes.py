@@ -93,9 +93,11 @@ def summarize_modes(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def last_checkpoint(plan: Plan, run: RunSpec, seed: int, root: Path) -> Path:
-    """The checkpoint of ``run``'s last mark for training seed ``seed`` under ``root``."""
-    costs = json.loads((plan.results / "step_costs.json").read_text())
+def last_checkpoint(
+    plan: Plan, run: RunSpec, seed: int, root: Path, costs: dict[str, float]
+) -> Path:
+    """The checkpoint of ``run``'s last mark for training seed ``seed`` under ``root``, the marks
+    placed by the plan's step ``costs``."""
     step = mark_steps(plan, costs[run.name])[-1]
     return root / f"{run.name}_s{seed}" / "checkpoints" / f"step_{step:07d}"
 
@@ -113,12 +115,11 @@ def run_entry(
     policy.eval()
     task = load_task(policy.spec["task"])
     kind, steps = policy.method.parse_label(label)
-    seeds = [s for s in states for _ in range(draws)]
-    keys = [noise_key(s, d, draws) for s in states for d in range(draws)]
+    episodes = [(s, d) for s in states for d in range(draws)]
     results = run_episodes(
         policy,
         task.env_factory(),
-        seeds,
+        [s for s, _ in episodes],
         n_obs_steps=policy.n_obs_steps,
         n_action_steps=policy.n_action_steps,
         max_steps=task.horizon,
@@ -126,7 +127,7 @@ def run_entry(
         layout="sync",
         predict_kwargs={"steps": steps, "sampler": kind, "noise": "random"},
         seeded_noise=True,
-        noise_keys=keys,
+        noise_keys=[noise_key(s, d, draws) for s, d in episodes],
         outcome_keys=task.outcome_keys,
         outcome=task.episode_outcome,
         progress=True,
@@ -139,7 +140,7 @@ def run_entry(
             "success": r.success,
             "max_reward": r.max_reward,
         }
-        for r, d in zip(results, [d for _ in states for d in range(draws)], strict=True)
+        for r, (_, d) in zip(results, episodes, strict=True)
     ]
 
 
@@ -249,6 +250,7 @@ def main() -> None:
         wanted = {e.strip() for e in args.entries.split(",") if e.strip()}
         seeds = {int(s) for s in args.seeds.split(",") if s.strip()}
         states = list(range(plan.test_start, plan.test_start + args.states))
+        costs = json.loads((plan.results / "step_costs.json").read_text())
         folder.mkdir(parents=True, exist_ok=True)
         for run in plan.runs:
             for seed in run.seeds:
@@ -258,9 +260,9 @@ def main() -> None:
                     if wanted and f"{run.name} {label}" not in wanted:
                         continue
                     path = folder / f"{entry_name(run.name, seed, label)}.json"
-                    checkpoint = last_checkpoint(plan, run, seed, args.root)
                     if path.exists():
                         continue
+                    checkpoint = last_checkpoint(plan, run, seed, args.root, costs)
                     if not checkpoint.is_dir():
                         print(f"{run.name} s{seed} {label}: no checkpoint {checkpoint}, skipped")
                         continue
