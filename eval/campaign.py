@@ -261,25 +261,42 @@ def take_reused(
     return notes
 
 
-def measured_costs(plan: Plan, root: Path) -> dict[str, float]:
-    """Seconds per training step of each run's config, one thread, side by side (cached)."""
+def measured_costs(plan: Plan, root: Path, runs: list[RunSpec] | None = None) -> dict[str, float]:
+    """Seconds per training step of each run's config, one thread, side by side (cached).
+
+    ``runs``: every run of the plan (default ``plan.runs``), so that a session that trains only
+    some of them (``--runs``) still measures them all together. A run added to the plan after the
+    costs were cached is measured beside one run already there, and its cost scaled by that run's
+    cached cost over its new measurement: a ratio taken side by side, on the cached footing.
+    """
     from cm_policy.configs import compose
     from cm_policy.evaluation.measure import cached, step_costs
 
-    def measure() -> dict[str, float]:
-        cfgs = {
-            r.name: compose("config", run_overrides(plan, r, r.seeds[0], root / "probe"))
-            for r in plan.runs
-        }
-        return step_costs(cfgs)
+    runs = runs or plan.runs
+    path = plan.results / "step_costs.json"
 
-    costs = cached(plan.results / "step_costs.json", measure)
-    missing = [r.name for r in plan.runs if r.name not in costs]
-    if missing:  # a run added to the plan later: measure it beside the first measured run
-        raise SystemExit(
-            f"{plan.results / 'step_costs.json'} lacks {missing}; delete it to measure all runs "
-            "side by side again"
+    def config(run: RunSpec) -> Any:
+        return compose("config", run_overrides(plan, run, run.seeds[0], root / "probe"))
+
+    costs = cached(path, lambda: step_costs({r.name: config(r) for r in runs}))
+    missing = [r for r in runs if r.name not in costs]
+    if missing:
+        anchor = next((r for r in runs if r.name in costs), None)
+        if anchor is None:
+            raise SystemExit(
+                f"{path} has costs for {sorted(costs)}, none of the plan's runs "
+                f"{[r.name for r in runs]}; delete it to measure them side by side"
+            )
+        fresh = step_costs({anchor.name: config(anchor), **{r.name: config(r) for r in missing}})
+        scale = costs[anchor.name] / fresh[anchor.name]
+        for run in missing:
+            costs[run.name] = fresh[run.name] * scale
+        print(
+            f"step costs of {[r.name for r in missing]} measured beside {anchor.name!r} "
+            f"(now {fresh[anchor.name]:.3f} s, cached {costs[anchor.name]:.3f} s) -> {path}",
+            flush=True,
         )
+        write_atomic(path, costs)
     return costs
 
 
@@ -728,6 +745,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     plan = Plan.load(args.plan)
+    every_run = plan.runs  # step costs are measured for all of them, whatever --runs trains
     command = f"python eval/campaign.py {args.plan}"
     if args.runs:
         names = args.runs.split(",")
@@ -760,7 +778,7 @@ def main() -> None:
     setup = Setup(args.jobs, args.threads, args.device, args.n_envs)
     root = args.root or REPO / "runs" / plan.name
     root.mkdir(parents=True, exist_ok=True)
-    costs = measured_costs(plan, root)
+    costs = measured_costs(plan, root, every_run)
     if args.costs_only:  # e.g. to choose a network size that the machine carries
         from cm_policy.configs import compose
 

@@ -147,6 +147,19 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
     wrong = subprocess.run([*again, "--report-only"], capture_output=True, text=True, check=False)
     assert wrong.returncode != 0 and "training.lr=1.0e-3" in wrong.stderr, wrong.stderr[-2000:]
 
+    # A session that trains some runs (--runs) measures every run's cost, and a run missing from
+    # the cached costs is measured beside one that is there, the cached costs left as they were.
+    costs_file = results / "step_costs.json"
+    costs_file.write_text(json.dumps({"isd": costs["isd"]}))
+    done = subprocess.run(
+        [*command, "--runs", "isd", "--costs-only"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step costs of ['reg'] measured beside 'isd'" in done.stdout, done.stdout[-2000:]
+    measured = json.loads(costs_file.read_text())
+    assert set(measured) == {"isd", "reg"} and measured["isd"] == costs["isd"]
+    assert 0 < measured["reg"] < measured["isd"]
+
 
 def report_plan(tmp_path: Path, **fields) -> dict:
     """A one-mark plan for report tests on hand-made caches in ``tmp_path``; ``fields`` added."""
