@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep_last: int = 2,
+    keep_steps: Iterable[int] = (),
 ) -> Path:
-    """Write checkpoint ``step`` under ``run_dir/checkpoints`` and point ``latest`` at it."""
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` and point ``latest`` at it.
+
+    Of the older checkpoints the last ``keep_last`` stay (0: all), and so does every one whose
+    step is in ``keep_steps`` (e.g. a campaign's evaluation marks)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -125,7 +130,8 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.rename(tmp, final)
     write_text_atomic(root / "latest", final.name + "\n")
-    kept = sorted(p for p in root.glob("step_*") if p.is_dir())
+    pinned = {f"step_{s:07d}" for s in keep_steps}
+    kept = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name not in pinned)
     for old in kept[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final

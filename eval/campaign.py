@@ -175,7 +175,8 @@ def run_overrides(
         f"training.num_threads={setup.threads}",
         f"training.device={setup.device}",
         f"training.checkpoint_every={plan.grain}",
-        "training.keep_checkpoints=0",
+        # The marks' checkpoints (training.keep_steps, set by work()) and the last two stay.
+        "training.keep_checkpoints=2",
         "training.eval_every=0",
     ]
 
@@ -372,7 +373,11 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
     first = plan.test_start + plan.seed_index(seed) * plan.episodes_per_seed
     seeds = list(range(first, first + plan.episodes_per_seed))
     cli = [sys.executable, "-m", "cm_policy.cli", "train"]
-    base = [*run_overrides(plan, run, seed, run_dir, setup), f"training.steps={steps[-1]}"]
+    base = [
+        *run_overrides(plan, run, seed, run_dir, setup),
+        f"training.steps={steps[-1]}",
+        f"training.keep_steps=[{','.join(map(str, steps))}]",
+    ]
     log_file = root / f"{run.name}_s{seed}.log"
     for minutes, step in zip(plan.marks_min, steps, strict=True):
         key = str(step)

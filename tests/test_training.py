@@ -47,7 +47,11 @@ def assert_metrics_summarise_episodes(folder: Path, seeds: list[int]) -> dict:
 
 def test_resume_continues_bit_for_bit(planner_pusht: Path, tmp_path: Path):
     schedule = ["training.steps=6", "training.checkpoint_every=3"]
-    straight = train(tiny_cfg(planner_pusht, tmp_path / "a", *schedule))
+    # Checkpointing every step (it draws no random numbers), pruned to the last two and the pinned.
+    pruned = ["training.checkpoint_every=1", "training.keep_steps=[1,3]"]
+    straight = train(tiny_cfg(planner_pusht, tmp_path / "a", *schedule, *pruned))
+    kept = sorted(p.name for p in (straight / "checkpoints").glob("step_*"))
+    assert kept == [f"step_{s:07d}" for s in (1, 3, 5, 6)]
     # The same 6-step schedule interrupted after 3 steps, then resumed from its checkpoint.
     half = train(tiny_cfg(planner_pusht, tmp_path / "b", *schedule, "training.stop_after=3"))
     assert (half / "checkpoints" / "latest").read_text().strip() == "step_0000003"

@@ -350,6 +350,7 @@ class Trainer:
                     "history": run.history,
                 },
                 keep_last=int(self.tc.get("keep_checkpoints", 2)),
+                keep_steps=[int(s) for s in self.tc.get("keep_steps") or ()],
             )
 
 
