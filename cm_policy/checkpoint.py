@@ -131,9 +131,10 @@ def save_checkpoint(
     os.rename(tmp, final)
     write_text_atomic(root / "latest", final.name + "\n")
     pinned = {f"step_{s:07d}" for s in keep_steps}
-    kept = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name not in pinned)
+    kept = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in kept[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+        if old.name not in pinned:
+            shutil.rmtree(old)
     return final
 
 
