@@ -8,8 +8,10 @@
 #   bash eval/gpu_image.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]
 #
 # Stages, each under its own time limit (eval/stage.sh): check (nvidia-smi, imports, data) ->
-# probe (PROBE_STEPS steps: the step cost, compile included when COMPILE=true) -> train (as many
-# steps as fit the time left minus EVAL_RESERVE and MARGIN) -> eval at 1 step -> eval at 2 steps.
+# probe (PROBE_STEPS eager steps: the step cost) -> probe_compiled (with COMPILE=auto: the same
+# steps under torch.compile, its compile time and step cost) -> train (eager or compiled, whichever
+# fits more steps in the time left minus EVAL_RESERVE and MARGIN, the compile time paid again
+# inside it) -> eval at 1 step -> eval at 2 steps.
 # OUT_DIR gets at most 8 files: stages.txt, nvidia-smi.txt, summary.md (the figures, with the
 # budget and the card), logs.tar.gz (logs, train_log.jsonl, config, metrics and episodes of both
 # evaluations), and up to 3 parts of the final EMA weights (eval/stage.sh pack_weights).
@@ -18,8 +20,9 @@
 # .gpu/whl and .gpu/pusht_image.zarr (the package's wheels and the data; stage.sh's use_wheels).
 #
 # Knobs (environment): DATA (the human PushT zarr with images), MODEL (unet_dp), BATCH (128),
-# LR (1e-4), COMPILE (false), EPISODES (500), N_ENVS (32), EVAL_RESERVE (240 s), MARGIN (45 s),
-# DEVICE (cuda; cpu with MODEL=unet_tiny EPISODES=4 TOTAL_SECONDS=400 is a dry run on a laptop).
+# LR (1e-4), COMPILE (auto | true | false), EPISODES (500), N_ENVS (32), EVAL_RESERVE (240 s),
+# MARGIN (45 s), THREADS (8), DEVICE (cuda; cpu with MODEL=unet_tiny EPISODES=4
+# TOTAL_SECONDS=400 THREADS=1 is a dry run on a laptop).
 set -uo pipefail
 OUT=${1:?usage: bash eval/gpu_image.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]}
 PY=${2:-python3}
@@ -28,7 +31,8 @@ DATA=${DATA:-}
 MODEL=${MODEL:-unet_dp}
 BATCH=${BATCH:-128}
 LR=${LR:-1e-4}
-COMPILE=${COMPILE:-false}
+COMPILE=${COMPILE:-auto}
+THREADS=${THREADS:-8}
 EPISODES=${EPISODES:-500}
 N_ENVS=${N_ENVS:-32}
 EVAL_RESERVE=${EVAL_RESERVE:-240}
@@ -36,6 +40,7 @@ MARGIN=${MARGIN:-45}
 PROBE_STEPS=${PROBE_STEPS:-30}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/gpu_image}
+rm -rf "$WORK"/probe* "$WORK/run" "$WORK"/eval_steps*  # a rerun on a warm machine starts afresh
 mkdir -p "$OUT" "$WORK/logs"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -53,9 +58,9 @@ VIDEOS=0
 AMP=true
 [ "$DEVICE" = cpu ] && AMP=false  # bf16 autocast is for the GPU
 COMMON=(task=pusht_image "task.dataset_path=$DATA" "model=$MODEL" method=isd
-  method.derivative=jvp "training.amp=$AMP" "training.compile=$COMPILE"
+  method.derivative=jvp "training.amp=$AMP"
   "training.batch_size=$BATCH" "training.lr=$LR" "training.device=$DEVICE"
-  training.num_threads=8 training.log_every=10 eval.progress=false)
+  "training.num_threads=$THREADS" training.log_every=10 eval.progress=false)
 
 finish() {
   "$PY" - "$WORK" "$OUT" "$MODEL" "$BATCH" "$LR" "$COMPILE" "$AMP" <<'EOF' || true
@@ -99,33 +104,68 @@ trap finish EXIT
 check_stage "$PY" "$OUT" "from cm_policy.data import ReplayBuffer
 print(ReplayBuffer.open('$DATA').n_episodes, 'episodes')" || exit 1
 
+#   probe NAME LIMIT COMPILE: PROBE_STEPS training steps in $WORK/NAME
 probe() {
-  stage "$1" 240 "$PY" -m cm_policy.cli train "${COMMON[@]}" "training.steps=$PROBE_STEPS" \
-    training.warmup_steps=1 "training.checkpoint_every=$PROBE_STEPS" "output_dir=$WORK/probe"
+  stage "$1" "$2" "$PY" -m cm_policy.cli train "${COMMON[@]}" "training.compile=$3" \
+    "training.steps=$PROBE_STEPS" training.warmup_steps=1 \
+    "training.checkpoint_every=$PROBE_STEPS" "output_dir=$WORK/$1"
 }
+#   probe_cost NAME: "STEP_COST OVERHEAD" from the probe's log: seconds per step over its last
+#   logged interval, and the seconds its start cost beyond that rate (compilation, warm-up)
+probe_cost() {
+  "$PY" -c "import json
+log = [json.loads(x) for x in open('$WORK/$1/train_log.jsonl')]
+a, b = log[-2], log[-1]
+cost = (b['wall_s'] - a['wall_s']) / (b['step'] - a['step'])
+print(f\"{cost:.5f} {max(0.0, b['wall_s'] - b['step'] * cost):.1f}\")"
+}
+FIRST=false
+[ "$COMPILE" = true ] && FIRST=true  # the first probe compiles only when told to
 # One lease has no room for a second try: if bf16 autocast breaks the probe, train in fp32.
-if ! probe probe && [ "$AMP" = true ]; then
+if ! probe probe 240 "$FIRST" && [ "$AMP" = true ]; then
   AMP=false
   COMMON=("${COMMON[@]/training.amp=true/training.amp=false}")
   echo "the probe failed with bf16 autocast: fp32 from here" | tee -a "$OUT/stages.txt"
-  rm -rf "$WORK/probe"
-  probe probe_fp32 || exit 1
+  probe probe_fp32 240 "$FIRST" && mv "$WORK/probe_fp32" "$WORK/probe_ok"
 fi
-[ -f "$WORK/probe/train_log.jsonl" ] || exit 1
-# Seconds per step from the probe's log: the last logged interval, past compilation.
-COST=$("$PY" -c "import json
-log = [json.loads(x) for x in open('$WORK/probe/train_log.jsonl')]
-a, b = log[-2], log[-1]
-print((b['wall_s'] - a['wall_s']) / (b['step'] - a['step']))")
-left=$((TOTAL - (SECONDS - START)))
-train_s=$((left - EVAL_RESERVE - MARGIN))
+[ -d "$WORK/probe_ok" ] || mv "$WORK/probe" "$WORK/probe_ok"
+[ -f "$WORK/probe_ok/train_log.jsonl" ] || exit 1
+read -r COST OVERHEAD < <(probe_cost probe_ok)
+USE_COMPILE=$FIRST
 # The whole run costs more per step than the probe's interval (start-up, data, a loaded CPU):
 # 1.24x was measured on the H200 (2584 steps in 363 s against 0.1075 s probed); plan with 1.3x.
-STEPS=$("$PY" -c "print(max(0, int(($train_s - 30) / (1.3 * $COST)) // 100 * 100))")
-echo "step cost ${COST} s; ${train_s} s of training -> ${STEPS} steps" | tee -a "$OUT/stages.txt"
+#   plan_steps COST OVERHEAD: the steps that fit the training time left at 1.3x COST
+plan_steps() {
+  local left=$((TOTAL - (SECONDS - START)))
+  "$PY" -c "print(max(0, int(($left - $EVAL_RESERVE - $MARGIN - 30 - $2) / (1.3 * $1)) // 100 * 100))"
+}
+if [ "$COMPILE" = auto ]; then
+  # torch.compile pays if its step saving over the run outweighs compiling twice (in this probe
+  # and again in the training run, the cache on disk notwithstanding). A failure keeps eager, and
+  # so does a probe past 120 s: a compile that long cannot pay back within one allowance.
+  if probe probe_compiled 120 true && [ -f "$WORK/probe_compiled/train_log.jsonl" ]; then
+    read -r CCOST COVERHEAD < <(probe_cost probe_compiled)
+    eager=$(plan_steps "$COST" "$OVERHEAD")
+    compiled=$(plan_steps "$CCOST" "$COVERHEAD")
+    echo "eager ${COST} s/step -> ${eager} steps; compiled ${CCOST} s/step after" \
+      "${COVERHEAD} s of compiling -> ${compiled} steps" | tee -a "$OUT/stages.txt"
+    if [ "$compiled" -gt "$eager" ]; then
+      USE_COMPILE=true COST=$CCOST OVERHEAD=$COVERHEAD
+    fi
+  else
+    echo "the compiled probe failed: eager" | tee -a "$OUT/stages.txt"
+  fi
+fi
+left=$((TOTAL - (SECONDS - START)))
+train_s=$((left - EVAL_RESERVE - MARGIN))
+STEPS=$(plan_steps "$COST" "$OVERHEAD")
+echo "compile ${USE_COMPILE}; step cost ${COST} s (+${OVERHEAD} s start); ${train_s} s of" \
+  "training -> ${STEPS} steps" | tee -a "$OUT/stages.txt"
 [ "$STEPS" -ge 100 ] || { echo "only ${left} s left: no time to train"; exit 1; }
+COMPILE=$USE_COMPILE  # as summary.md reports it
 
-stage train $((train_s + 60)) "$PY" -m cm_policy.cli train "${COMMON[@]}" "training.steps=$STEPS" \
+stage train $((train_s + 60)) "$PY" -m cm_policy.cli train "${COMMON[@]}" \
+  "training.compile=$USE_COMPILE" "training.steps=$STEPS" \
   training.warmup_steps=$((STEPS / 20)) "training.checkpoint_every=$((STEPS / 4))" \
   "output_dir=$WORK/run"  # stopped at its limit, the latest quarter's checkpoint is evaluated
 for steps in 1 2; do
