@@ -438,6 +438,11 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
     return f"{run.name} s{seed}: done ({len(steps)} marks)"
 
 
+def log_axis(plan: Plan) -> bool:
+    """Marks spanning a factor of 4 or more (e.g. doubling ones) are plotted on a log axis."""
+    return plan.marks_min[-1] >= 4 * plan.marks_min[0]
+
+
 def pooled_entry(entries: list[dict]) -> dict:
     from cm_policy.evaluation.measure import pooled
 
@@ -565,7 +570,9 @@ def write_report(
         + ("; ".join(f"{m}" for m in machines) or "nothing yet")
         + ". x-axis: minutes of one-thread CPU training = steps x the"
         " run's step cost measured side by side in one process (table below), so pauses, load"
-        " and the device do not move it. Each mark evaluates the EMA weights on "
+        " and the device do not move it"
+        + (" (on a log scale in the plot)" if log_axis(plan) else "")
+        + ". Each mark evaluates the EMA weights on "
         f"{plan.episodes_per_seed} test episodes per training seed (from {plan.test_start}, "
         "disjoint per seed, the same for every run); +- is the 95% interval of the pooled "
         "mean_score, [a, b] the Wilson interval of the pooled success rate.",
@@ -700,6 +707,10 @@ def write_report(
             axes[1].fill_between(x, lo, hi, color=color, alpha=0.15)
         for ax, title in zip(axes, ("mean_score", "success rate"), strict=True):
             ax.set_xlabel("training compute (minutes of one thread)")
+            if log_axis(plan):
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(plan.marks_min, [f"{m:g}" for m in plan.marks_min])
+                ax.minorticks_off()
             ax.set_title(f"{title} (95% band)")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
