@@ -126,7 +126,8 @@ if ! probe probe 240 "$FIRST" && [ "$AMP" = true ]; then
   AMP=false
   COMMON=("${COMMON[@]/training.amp=true/training.amp=false}")
   echo "the probe failed with bf16 autocast: fp32 from here" | tee -a "$OUT/stages.txt"
-  probe probe_fp32 240 "$FIRST" && mv "$WORK/probe_fp32" "$WORK/probe_ok"
+  probe probe_fp32 240 "$FIRST" || exit 1
+  mv "$WORK/probe_fp32" "$WORK/probe_ok"
 fi
 [ -d "$WORK/probe_ok" ] || mv "$WORK/probe" "$WORK/probe_ok"
 [ -f "$WORK/probe_ok/train_log.jsonl" ] || exit 1
