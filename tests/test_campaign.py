@@ -282,3 +282,38 @@ def test_report_compares_every_entry_with_the_reference(
     plan_file.write_text(yaml.safe_dump({**plan, "reference": "gen 16"}))
     with pytest.raises(SystemExit, match="reference must be one of"):
         campaign.Plan.load(plan_file)
+
+
+def test_score_bins_split_what_the_mean_score_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """eval/score_bins.py: episodes land in their bins by best reward (successes apart), the
+    bins' shares add up to 1 - mean_score, and folders of evaluations are read in step order."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
+    import score_bins
+
+    rewards = [0.0, 0.3, 0.3, 0.7, 0.9, 0.96, 1.0, 1.0]
+    episodes = [{"max_reward": r, "success": r == 1.0} for r in rewards]
+    counts, lost = score_bins.bin_losses(episodes)
+    assert counts.tolist() == [1, 2, 1, 1, 1, 2]
+    assert lost.sum() == pytest.approx(1 - sum(rewards) / len(rewards))
+    assert lost[1] == pytest.approx(1.4 / 8) and lost[-1] == 0.0
+    with pytest.raises(ValueError, match="at least one episode"):
+        score_bins.bin_losses([])
+
+    for name in ("step900_1", "step10000_1", "step2000_2"):
+        (tmp_path / "run" / "eval" / name).mkdir(parents=True)
+        (tmp_path / "run" / "eval" / name / "episodes.json").write_text(json.dumps(episodes))
+    out = tmp_path / "bins"
+    subprocess.run(
+        [sys.executable, "eval/score_bins.py", str(tmp_path / "run" / "eval"), "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True,
+    )  # fmt: skip
+    rows = [line for line in (tmp_path / "bins.md").read_text().splitlines() if "| run " in line]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "run step900_1", "run step2000_2", "run step10000_1"
+    ]  # fmt: skip
+    assert all(row.split("|")[3].strip() == f"{sum(rewards) / 8:.3f}" for row in rows)
+    assert (tmp_path / "bins.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match=r"episodes\.json"):
+        score_bins.evaluation_dirs([str(tmp_path)])

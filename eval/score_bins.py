@@ -1,0 +1,132 @@
+"""Where an evaluation loses its score: episodes binned by their score, and each bin's share of
+what the mean_score lacks of 1.
+
+mean_score is the mean over episodes of the best reward; 1 - mean_score is the sum over bins of
+(episodes in the bin x what each lacks of 1) / episodes, so the table says whether the missing
+score is a few episodes that never reach the goal, a cluster stuck half-way, or many near misses.
+Reads the ``episodes.json`` that ``cm-policy eval`` (and the campaign's marks) write.
+
+Usage:
+  python eval/score_bins.py RUNS/tiny_s0/eval RUNS/mid_s0/eval --out eval/results/x/score_bins
+  (each argument is an evaluation folder or a folder of them, e.g. a campaign run's eval/;
+   writes OUT.md and OUT.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+# Failed episodes are binned by their best reward (upper edges exclusive); successes form the last.
+EDGES = (0.0, 0.05, 0.5, 0.8, 0.95)
+NAMES = ("< 0.05", "0.05-0.5", "0.5-0.8", "0.8-0.95", ">= 0.95, failed", "success")
+
+
+def bin_losses(episodes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(episodes per bin, each bin's share of 1 - mean_score) for ``episodes`` with
+    ``max_reward`` and ``success``; the shares sum to 1 - mean_score."""
+    if not episodes:
+        raise ValueError("expected at least one episode, found none")
+    counts, lost = np.zeros(len(NAMES), dtype=int), np.zeros(len(NAMES))
+    for episode in episodes:
+        reward = float(episode["max_reward"])
+        if episode["success"]:
+            index = len(NAMES) - 1
+        else:
+            index = int(np.searchsorted(EDGES, reward, side="right")) - 1
+        counts[index] += 1
+        lost[index] += 1.0 - reward
+    return counts, lost / len(episodes)
+
+
+def evaluation_dirs(paths: list[str]) -> list[Path]:
+    """Each path's evaluation folders (the path itself when it holds episodes.json, else the
+    folders inside it that do, ordered by the training step in their names, ``step32900_1``)."""
+
+    def key(d: Path) -> tuple[int, str]:
+        step = re.match(r"step(\d+)", d.name)
+        return (int(step.group(1)) if step else -1, d.name)
+
+    found = []
+    for path in map(Path, paths):
+        if (path / "episodes.json").is_file():
+            found.append(path)
+            continue
+        inner = [d for d in path.glob("*") if (d / "episodes.json").is_file()]
+        if not inner:
+            raise FileNotFoundError(f"expected episodes.json in {path} or its folders, found none")
+        found.extend(sorted(inner, key=key))
+    return found
+
+
+def label(path: Path) -> str:
+    """``tiny_s0 step32900_1`` for RUNS/tiny_s0/eval/step32900_1."""
+    parent = path.parent.parent.name if path.parent.name == "eval" else path.parent.name
+    return f"{parent} {path.name}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", help="evaluation folders, or folders of them")
+    parser.add_argument("--out", required=True, help="output stem: writes OUT.md and OUT.png")
+    args = parser.parse_args()
+    rows = []
+    for d in evaluation_dirs(args.paths):
+        episodes = json.loads((d / "episodes.json").read_text())
+        counts, lost = bin_losses(episodes)
+        score = float(np.mean([e["max_reward"] for e in episodes]))
+        rows.append((label(d), len(episodes), score, counts, lost))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = "| evaluation | episodes | mean_score | " + " | ".join(NAMES) + " |"
+    lines = [
+        "# Where the score is lost",
+        "",
+        "Command: `python eval/score_bins.py " + " ".join(args.paths) + f" --out {args.out}`.",
+        "",
+        "Each cell: episodes in the bin (by best reward; successes apart) / the bin's share of "
+        "1 - mean_score. The shares of a row add up to 1 - mean_score.",
+        "",
+        header,
+        "|" + "---|" * (3 + len(NAMES)),
+    ]
+    for name, n, score, counts, lost in rows:
+        cells = [f"{c} / {v:.3f}" for c, v in zip(counts, lost, strict=True)]
+        lines.append(f"| {name} | {n} | {score:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", f"![score lost per bin]({out.name}.png)", ""]
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out.with_suffix(".md"))
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
+    left = np.zeros(len(rows))
+    colours = plt.get_cmap("RdYlGn")(np.linspace(0.05, 0.75, len(NAMES) - 1))
+    for j, name in enumerate(NAMES[:-1]):
+        width = np.array([r[4][j] for r in rows])
+        ax.barh(range(len(rows)), width, left=left, color=colours[j], label=name)
+        left += width
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("1 - mean_score, split by the failed episodes' best reward")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
