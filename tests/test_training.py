@@ -14,6 +14,7 @@ from tiny_config import TINY
 from cm_policy.cli import compose
 from cm_policy.cli import run_command as main
 from cm_policy.data import DatasetError, ReplayBuffer
+from cm_policy.training.plots import eval_history
 from cm_policy.training.trainer import train
 
 TEST_SEEDS = [100000, 100001]  # eval.start_seed and the 2 episodes of TINY
@@ -85,7 +86,8 @@ def test_cli_train_then_eval(planner_pusht: Path, tmp_path: Path, capsys: pytest
     assert all(r["loss_fm"] > 0 and r["grad_norm"] > 0 for r in log)
     assert (run / "learning_curves.png").stat().st_size > 0
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert_metrics_summarise_episodes(run / "eval" / "step_0000004", TEST_SEEDS)
+    periodic = assert_metrics_summarise_episodes(run / "eval" / "step_0000004", TEST_SEEDS)
+    assert eval_history(run) == {"": [(4, periodic["mean_score"], periodic["success_rate"])]}
 
     def evaluate(out: Path, n_videos: int) -> dict:
         torch.manual_seed(0)  # the sampling noise: the same for both evaluations
@@ -189,3 +191,26 @@ def test_float_images_convert_to_uint8_by_chunks_and_reject_nan():
     pixels[37, 1, 2, 0] = np.nan
     with pytest.raises(DatasetError, match=r"NaN or inf pixels .*step 37"):
         as_uint8(pixels, chunk=16)
+
+
+def test_eval_history_reads_periodic_final_and_campaign_evaluations(tmp_path: Path):
+    """The learning-curve panel's data: the trainer's evaluations and the final one under one
+    label, a campaign's marks (``step<N>_<sampler>``) under their sampler, other folders not."""
+
+    def metrics(folder: Path, score: float) -> None:
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"mean_score": score, "success_rate": 0.5}))
+
+    metrics(tmp_path / "eval" / "step_0000200", 0.2)
+    metrics(tmp_path / "eval" / "step_0000100", 0.1)
+    metrics(tmp_path / "eval" / "step32900_1", 0.8)
+    metrics(tmp_path / "eval" / "step8200_1", 0.7)
+    metrics(tmp_path / "eval" / "step8200_2", 0.75)
+    metrics(tmp_path / "eval" / "final_isd1_random", 0.9)
+    metrics(tmp_path / "eval_final", 0.3)
+    (tmp_path / "train_log.jsonl").write_text('{"step": 299}\n{"step": 300}\n')
+    assert eval_history(tmp_path) == {
+        "": [(100, 0.1, 0.5), (200, 0.2, 0.5), (300, 0.3, 0.5)],
+        "1": [(8200, 0.7, 0.5), (32900, 0.8, 0.5)],
+        "2": [(8200, 0.75, 0.5)],
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -20,19 +21,34 @@ def logged_loss_terms(run_dir: Path) -> tuple[str, ...]:
     return method_type(str(OmegaConf.load(run_dir / "config.yaml").method.name)).loss_keys
 
 
+def eval_history(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
+    """(step, mean_score, success_rate) of every closed-loop evaluation of the run, by label:
+    the trainer's periodic ones (``eval/step_000500``) and the final one under ``""``, a
+    campaign's marks (``eval/step32900_1``: label ``1``, the sampler) under theirs."""
+    run_dir = Path(run_dir)
+    history: dict[str, list[tuple[int, float, float]]] = {}
+    for metrics in (run_dir / "eval").glob("step*/metrics.json"):
+        name = re.fullmatch(r"step_?(\d+)(?:_(.+))?", metrics.parent.name)
+        if name is None:
+            continue
+        m = json.loads(metrics.read_text())
+        entry = (int(name.group(1)), m["mean_score"], m["success_rate"])
+        history.setdefault(name.group(2) or "", []).append(entry)
+    final = run_dir / "eval_final" / "metrics.json"
+    log = run_dir / "train_log.jsonl"
+    if final.exists() and log.exists():
+        last = json.loads(log.read_text().splitlines()[-1])["step"]
+        if not any(e[0] == last for e in history.get("", [])):
+            m = json.loads(final.read_text())
+            history.setdefault("", []).append((last, m["mean_score"], m["success_rate"]))
+    return {label: sorted(entries) for label, entries in sorted(history.items())}
+
+
 def plot_learning_curves(run_dir: str | Path) -> Path:
     """Raw loss terms, gradient norm, learning rate and eval scores -> learning_curves.png."""
     run_dir = Path(run_dir)
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    evals = []
-    for metrics in sorted((run_dir / "eval").glob("step_*/metrics.json")):
-        m = json.loads(metrics.read_text())
-        evals.append((int(metrics.parent.name.split("_")[1]), m["mean_score"], m["success_rate"]))
     steps = [r["step"] for r in log]
-    final = run_dir / "eval_final" / "metrics.json"
-    if final.exists() and not any(e[0] == steps[-1] for e in evals):
-        m = json.loads(final.read_text())
-        evals.append((steps[-1], m["mean_score"], m["success_rate"]))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for key in (*logged_loss_terms(run_dir), "loss"):
         if key in log[0]:
@@ -45,12 +61,16 @@ def plot_learning_curves(run_dir: str | Path) -> Path:
     axes[1].set_title("gradient norm (before clipping)")
     axes[2].plot(steps, [r["lr"] for r in log], color="tab:gray")
     axes[2].set_title("learning rate")
-    if evals:
-        es, score, success = zip(*evals, strict=True)
-        axes[3].plot(es, score, "o-", label="mean_score")
-        axes[3].plot(es, success, "s-", label="success rate")
+    for label, entries in eval_history(run_dir).items():
+        es, score, success = zip(*entries, strict=True)
+        suffix = f" (sampler {label})" if label else ""
+        axes[3].plot(es, score, "o-", label=f"mean_score{suffix}")
+        axes[3].plot(es, success, "s--", label=f"success rate{suffix}")
+    if axes[3].lines:
         axes[3].set_ylim(0, 1.02)
-        axes[3].legend()
+        axes[3].legend(fontsize=7)
+    else:
+        axes[3].text(0.5, 0.5, "no closed-loop evaluation yet", ha="center", va="center")
     axes[3].set_title("closed-loop eval (EMA)")
     for ax in axes:
         ax.set_xlabel("step")
