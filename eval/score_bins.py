@@ -5,9 +5,13 @@ mean_score is the mean over episodes of the best reward; 1 - mean_score is the s
 (episodes in the bin x what each lacks of 1) / episodes, so the table says whether the missing
 score is a few episodes that never reach the goal, a cluster stuck half-way, or many near misses.
 Reads the ``episodes.json`` that ``cm-policy eval`` (and the campaign's marks) write.
+With ``--pusht-angle`` (PushT evaluations only) each evaluation is also split by how far the T
+starts from the goal's angle (the reference's initial state for each episode's seed), which says
+whether the lost episodes are the ones that need the T turned.
 
 Usage:
   python eval/score_bins.py RUNS/tiny_s0/eval RUNS/mid_s0/eval --out eval/results/x/score_bins
+      [--pusht-angle]
   (each argument is an evaluation folder or a folder of them, e.g. a campaign run's eval/;
    writes OUT.md and OUT.png)
 """
@@ -15,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 from pathlib import Path
@@ -28,6 +33,8 @@ import matplotlib.pyplot as plt
 # Failed episodes are binned by their best reward (upper edges exclusive); successes form the last.
 EDGES = (0.0, 0.05, 0.5, 0.8, 0.95)
 NAMES = ("< 0.05", "0.05-0.5", "0.5-0.8", "0.8-0.95", ">= 0.95, failed", "success")
+# Bins of |initial block angle - goal angle| for --pusht-angle, in degrees (upper edge inclusive).
+ANGLE_EDGES = (0, 45, 90, 135, 180)
 
 
 def bin_losses(episodes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +52,27 @@ def bin_losses(episodes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         counts[index] += 1
         lost[index] += 1.0 - reward
     return counts, lost / len(episodes)
+
+
+def angle_table(episodes: list[dict]) -> list[tuple[str, int, float, float, int, int]]:
+    """PushT episodes split by how far the T starts from the goal angle: per bin of
+    :data:`ANGLE_EDGES`, (bin, episodes, mean_score, success rate, episodes scoring < 0.05,
+    failed episodes scoring 0.5-0.8)."""
+    from cm_policy.envs.pusht import GOAL_POSE, PushTEnv
+
+    start = np.array([PushTEnv.initial_state(int(e["seed"]))[4] for e in episodes])
+    error = np.abs(np.degrees((start - GOAL_POSE[2] + np.pi) % (2 * np.pi) - np.pi))
+    reward = np.array([float(e["max_reward"]) for e in episodes])
+    success = np.array([bool(e["success"]) for e in episodes])
+    rows = []
+    for low, high in itertools.pairwise(ANGLE_EDGES):
+        m = ((error > low) | (low == 0)) & (error <= high)
+        n = int(m.sum())
+        score = float(reward[m].mean()) if n else float("nan")
+        rate = float(success[m].mean()) if n else float("nan")
+        stalled = int(np.sum(m & ~success & (reward >= 0.5) & (reward < 0.8)))
+        rows.append((f"{low}-{high}", n, score, rate, int(np.sum(m & (reward < 0.05))), stalled))
+    return rows
 
 
 def evaluation_dirs(paths: list[str]) -> list[Path]:
@@ -79,13 +107,18 @@ def main() -> None:
     )
     parser.add_argument("paths", nargs="+", help="evaluation folders, or folders of them")
     parser.add_argument("--out", required=True, help="output stem: writes OUT.md and OUT.png")
+    parser.add_argument(
+        "--pusht-angle", action="store_true", help="also split by the T's initial angle error"
+    )
     args = parser.parse_args()
-    rows = []
+    rows, angles = [], []
     for d in evaluation_dirs(args.paths):
         episodes = json.loads((d / "episodes.json").read_text())
         counts, lost = bin_losses(episodes)
         score = float(np.mean([e["max_reward"] for e in episodes]))
         rows.append((label(d), len(episodes), score, counts, lost))
+        if args.pusht_angle:
+            angles.append((label(d), angle_table(episodes)))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +126,9 @@ def main() -> None:
     lines = [
         "# Where the score is lost",
         "",
-        "Command: `python eval/score_bins.py " + " ".join(args.paths) + f" --out {args.out}`.",
+        "Command: `python eval/score_bins.py "
+        + " ".join(args.paths)
+        + f" --out {args.out}{' --pusht-angle' if args.pusht_angle else ''}`.",
         "",
         "Each cell: episodes in the bin (by best reward; successes apart) / the bin's share of "
         "1 - mean_score. The shares of a row add up to 1 - mean_score.",
@@ -105,6 +140,22 @@ def main() -> None:
         cells = [f"{c} / {v:.3f}" for c, v in zip(counts, lost, strict=True)]
         lines.append(f"| {name} | {n} | {score:.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"![score lost per bin]({out.name}.png)", ""]
+    if angles:
+        lines += [
+            "## By the T's initial angle error",
+            "",
+            "|initial block angle - goal angle| in degrees (the reference's initial state for "
+            "each episode's seed); stalled = failed with a best reward of 0.5-0.8.",
+            "",
+            "| evaluation | angle error | episodes | mean_score | success | < 0.05 | stalled |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, table in angles:
+            for bin_name, n, score, rate, zero, stalled in table:
+                lines.append(
+                    f"| {name} | {bin_name} | {n} | {score:.3f} | {rate:.2f} | {zero} | {stalled} |"
+                )
+        lines.append("")
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(out.with_suffix(".md"))

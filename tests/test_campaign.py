@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -317,3 +318,23 @@ def test_score_bins_split_what_the_mean_score_lacks(
     assert (tmp_path / "bins.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match=r"episodes\.json"):
         score_bins.evaluation_dirs([str(tmp_path)])
+
+    # --pusht-angle: episodes split by the T's angle error at reset (read here from the env).
+    from cm_policy.envs.pusht import GOAL_POSE, PushTEnv
+
+    env, turned = PushTEnv(), {}
+    for seed in range(100000, 100040):
+        _, info = env.reset(seed=seed)
+        error = (info["state"][4] - GOAL_POSE[2] + np.pi) % (2 * np.pi) - np.pi
+        turned[seed] = abs(error) > np.pi / 2
+    assert 0 < sum(turned.values()) < len(turned)
+    episodes = [
+        {"seed": s, "max_reward": float(not t), "success": not t} for s, t in turned.items()
+    ]
+    table = score_bins.angle_table(episodes)
+    assert [row[0] for row in table] == ["0-45", "45-90", "90-135", "135-180"]
+    assert sum(row[1] for row in table) == len(episodes)
+    for name, n, score, rate, zero, stalled in table:
+        if n:
+            assert score == rate == (1.0 if name in ("0-45", "45-90") else 0.0)
+            assert zero == (0 if score else n) and stalled == 0
