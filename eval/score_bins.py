@@ -59,9 +59,10 @@ def angle_table(episodes: list[dict]) -> list[tuple[str, int, float, float, int,
     :data:`ANGLE_EDGES`, (bin, episodes, mean_score, success rate, episodes scoring < 0.05,
     failed episodes scoring 0.5-0.8)."""
     from cm_policy.envs.pusht import GOAL_POSE, PushTEnv
+    from cm_policy.envs.pusht_planner import wrap_angle
 
     start = np.array([PushTEnv.initial_state(int(e["seed"]))[4] for e in episodes])
-    error = np.abs(np.degrees((start - GOAL_POSE[2] + np.pi) % (2 * np.pi) - np.pi))
+    error = np.abs(np.degrees(wrap_angle(start - GOAL_POSE[2])))
     reward = np.array([float(e["max_reward"]) for e in episodes])
     success = np.array([bool(e["success"]) for e in episodes])
     rows = []

@@ -87,7 +87,9 @@ def test_cli_train_then_eval(planner_pusht: Path, tmp_path: Path, capsys: pytest
     assert (run / "learning_curves.png").stat().st_size > 0
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     periodic = assert_metrics_summarise_episodes(run / "eval" / "step_0000004", TEST_SEEDS)
-    assert eval_history(run) == {"": [(4, periodic["mean_score"], periodic["success_rate"])]}
+    assert eval_history(run, log[-1]["step"]) == {
+        "": [(4, periodic["mean_score"], periodic["success_rate"])]
+    }
 
     def evaluate(out: Path, n_videos: int) -> dict:
         torch.manual_seed(0)  # the sampling noise: the same for both evaluations
@@ -208,8 +210,7 @@ def test_eval_history_reads_periodic_final_and_campaign_evaluations(tmp_path: Pa
     metrics(tmp_path / "eval" / "step8200_2", 0.75)
     metrics(tmp_path / "eval" / "final_isd1_random", 0.9)
     metrics(tmp_path / "eval_final", 0.3)
-    (tmp_path / "train_log.jsonl").write_text('{"step": 299}\n{"step": 300}\n')
-    assert eval_history(tmp_path) == {
+    assert eval_history(tmp_path, 300) == {
         "": [(100, 0.1, 0.5), (200, 0.2, 0.5), (300, 0.3, 0.5)],
         "1": [(8200, 0.7, 0.5), (32900, 0.8, 0.5)],
         "2": [(8200, 0.75, 0.5)],

@@ -114,7 +114,8 @@ def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
 
 
-def _wrap(angle: np.ndarray | float) -> np.ndarray | float:
+def wrap_angle(angle: np.ndarray | float) -> np.ndarray | float:
+    """``angle`` (radians) wrapped into [-pi, pi)."""
     return (angle + np.pi) % (2 * np.pi) - np.pi
 
 
@@ -128,7 +129,7 @@ def pose_error(block_pose: np.ndarray, goal: np.ndarray = GOAL) -> float:
     term linear in the angle error (see ``ANGLE_SLOPE``)."""
     vertices = GOAL_VERTICES if goal is GOAL else _outline_at(goal)
     vertex_error = np.linalg.norm(_outline_at(block_pose) - vertices, axis=1).mean()
-    return float(vertex_error + ANGLE_SLOPE * abs(_wrap(float(block_pose[2]) - goal[2])))
+    return float(vertex_error + ANGLE_SLOPE * abs(wrap_angle(float(block_pose[2]) - goal[2])))
 
 
 def _contact_points() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -274,7 +275,7 @@ class _Planner:
         cog = rot @ BLOCK_COG + block[:2]
         goal = self.goal
         goal_cog = _rotation(goal[2]) @ BLOCK_COG + goal[:2]
-        error = np.r_[goal_cog - cog, ANGLE_WEIGHT * _wrap(goal[2] - block[2])]
+        error = np.r_[goal_cog - cog, ANGLE_WEIGHT * wrap_angle(goal[2] - block[2])]
         error_norm = float(np.linalg.norm(error))
         starts = points + normals * (AGENT_RADIUS + PRE_CONTACT_GAP)
         reachable = np.all((starts >= 0) & (starts <= WINDOW_SIZE), axis=1)

@@ -21,10 +21,11 @@ def logged_loss_terms(run_dir: Path) -> tuple[str, ...]:
     return method_type(str(OmegaConf.load(run_dir / "config.yaml").method.name)).loss_keys
 
 
-def eval_history(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
+def eval_history(run_dir: str | Path, last_step: int) -> dict[str, list[tuple[int, float, float]]]:
     """(step, mean_score, success_rate) of every closed-loop evaluation of the run, by label:
-    the trainer's periodic ones (``eval/step_000500``) and the final one under ``""``, a
-    campaign's marks (``eval/step32900_1``: label ``1``, the sampler) under theirs."""
+    the trainer's periodic ones (``eval/step_000500``) and the final one (at ``last_step``, the
+    log's last) under ``""``, a campaign's marks (``eval/step32900_1``: label ``1``, the
+    sampler) under theirs."""
     run_dir = Path(run_dir)
     history: dict[str, list[tuple[int, float, float]]] = {}
     for metrics in (run_dir / "eval").glob("step*/metrics.json"):
@@ -35,12 +36,9 @@ def eval_history(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]
         entry = (int(name.group(1)), m["mean_score"], m["success_rate"])
         history.setdefault(name.group(2) or "", []).append(entry)
     final = run_dir / "eval_final" / "metrics.json"
-    log = run_dir / "train_log.jsonl"
-    if final.exists() and log.exists():
-        last = json.loads(log.read_text().splitlines()[-1])["step"]
-        if not any(e[0] == last for e in history.get("", [])):
-            m = json.loads(final.read_text())
-            history.setdefault("", []).append((last, m["mean_score"], m["success_rate"]))
+    if final.exists() and not any(e[0] == last_step for e in history.get("", [])):
+        m = json.loads(final.read_text())
+        history.setdefault("", []).append((last_step, m["mean_score"], m["success_rate"]))
     return {label: sorted(entries) for label, entries in sorted(history.items())}
 
 
@@ -61,7 +59,7 @@ def plot_learning_curves(run_dir: str | Path) -> Path:
     axes[1].set_title("gradient norm (before clipping)")
     axes[2].plot(steps, [r["lr"] for r in log], color="tab:gray")
     axes[2].set_title("learning rate")
-    for label, entries in eval_history(run_dir).items():
+    for label, entries in eval_history(run_dir, steps[-1]).items():
         es, score, success = zip(*entries, strict=True)
         suffix = f" (sampler {label})" if label else ""
         axes[3].plot(es, score, "o-", label=f"mean_score{suffix}")
