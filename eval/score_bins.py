@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import math
-import re
 from pathlib import Path
 
 import matplotlib
@@ -79,12 +78,14 @@ def angle_table(episodes: list[dict]) -> list[tuple[str, int, float, float, int,
 
 def evaluation_dirs(paths: list[str]) -> list[Path]:
     """Each path's evaluation folders (the path itself when it holds episodes.json, else the
-    folders inside it that do, ordered by the training step in their names, ``step32900_1``; the
-    ones without a step, a campaign's last-mark diagnostics ``final_1_zero``, after them)."""
+    folders inside it that do, ordered by the training step in their names, ``step32900_1`` or
+    ``step_000500``; the ones without a step, a campaign's last-mark diagnostics
+    ``final_1_zero``, after them)."""
+    from cm_policy.training.plots import eval_folder_step
 
     def key(d: Path) -> tuple[float, str]:
-        step = re.match(r"step(\d+)", d.name)
-        return (int(step.group(1)) if step else math.inf, d.name)
+        parsed = eval_folder_step(d.name)
+        return (parsed[0] if parsed else math.inf, d.name)
 
     found = []
     for path in map(Path, paths):

@@ -303,7 +303,7 @@ def test_score_bins_split_what_the_mean_score_lacks(
     with pytest.raises(ValueError, match="at least one episode"):
         score_bins.bin_losses([])
 
-    for name in ("final_1_zero", "step900_1", "step10000_1", "step2000_2"):
+    for name in ("final_1_zero", "step900_1", "step10000_1", "step_000500", "step2000_2"):
         (tmp_path / "run" / "eval" / name).mkdir(parents=True)
         (tmp_path / "run" / "eval" / name / "episodes.json").write_text(json.dumps(episodes))
     out = tmp_path / "bins"
@@ -313,7 +313,7 @@ def test_score_bins_split_what_the_mean_score_lacks(
     )  # fmt: skip
     rows = [line for line in (tmp_path / "bins.md").read_text().splitlines() if "| run " in line]
     assert [row.split("|")[1].strip() for row in rows] == [
-        "run step900_1", "run step2000_2", "run step10000_1", "run final_1_zero"
+        "run step_000500", "run step900_1", "run step2000_2", "run step10000_1", "run final_1_zero"
     ]  # fmt: skip
     assert all(row.split("|")[3].strip() == f"{sum(rewards) / 8:.3f}" for row in rows)
     assert (tmp_path / "bins.png").stat().st_size > 0

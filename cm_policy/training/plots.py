@@ -21,6 +21,14 @@ def logged_loss_terms(run_dir: Path) -> tuple[str, ...]:
     return method_type(str(OmegaConf.load(run_dir / "config.yaml").method.name)).loss_keys
 
 
+def eval_folder_step(name: str) -> tuple[int, str] | None:
+    """(training step, label) from an evaluation folder's name: the trainer's ``step_000500``
+    (label ``""``) or a campaign mark's ``step32900_1`` (label ``1``, the sampler); None for any
+    other name."""
+    match = re.fullmatch(r"step_?(\d+)(?:_(.+))?", name)
+    return (int(match.group(1)), match.group(2) or "") if match else None
+
+
 def eval_history(run_dir: str | Path, last_step: int) -> dict[str, list[tuple[int, float, float]]]:
     """(step, mean_score, success_rate) of every closed-loop evaluation of the run, by label:
     the trainer's periodic ones (``eval/step_000500``) and the final one (at ``last_step``, the
@@ -29,12 +37,11 @@ def eval_history(run_dir: str | Path, last_step: int) -> dict[str, list[tuple[in
     run_dir = Path(run_dir)
     history: dict[str, list[tuple[int, float, float]]] = {}
     for metrics in (run_dir / "eval").glob("step*/metrics.json"):
-        name = re.fullmatch(r"step_?(\d+)(?:_(.+))?", metrics.parent.name)
-        if name is None:
+        parsed = eval_folder_step(metrics.parent.name)
+        if parsed is None:
             continue
         m = json.loads(metrics.read_text())
-        entry = (int(name.group(1)), m["mean_score"], m["success_rate"])
-        history.setdefault(name.group(2) or "", []).append(entry)
+        history.setdefault(parsed[1], []).append((parsed[0], m["mean_score"], m["success_rate"]))
     final = run_dir / "eval_final" / "metrics.json"
     if final.exists() and not any(e[0] == last_step for e in history.get("", [])):
         m = json.loads(final.read_text())
