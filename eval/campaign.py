@@ -330,7 +330,11 @@ def write_atomic(path: Path, value: Any) -> None:
 def pending(plan: Plan, run: RunSpec, seed: int, costs: dict[str, float]) -> bool:
     cache = read_cache(cache_path(plan, run, seed))
     steps = mark_steps(plan, costs[run.name])
-    return not (cache.get("final") and all(str(s) in cache["marks"] for s in steps))
+    # The last-mark diagnostics belong to the plan's last mark: a mark appended to a finished plan
+    # makes them due again there.
+    final = cache.get("final") or {}
+    done = final.get("step", steps[-1] if final else None) == steps[-1]
+    return not (done and all(str(s) in cache["marks"] for s in steps))
 
 
 _TRAINING: subprocess.Popen | None = None  # a worker's training run in progress
@@ -358,7 +362,13 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
 
     from cm_policy.checkpoint import load_policy
     from cm_policy.evaluation.machine import describe_machine
-    from cm_policy.evaluation.measure import chunk_latency_ms, evaluate_entry, grad_stats, read_log
+    from cm_policy.evaluation.measure import (
+        chunk_latency_ms,
+        evaluate_entry,
+        grad_stats,
+        interval_stats,
+        read_log,
+    )
 
     torch.set_num_threads(setup.threads)
     n_envs = setup.n_envs or plan.n_envs
@@ -379,8 +389,13 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
         f"training.keep_steps=[{','.join(map(str, steps))}]",
     ]
     log_file = root / f"{run.name}_s{seed}.log"
+    problem = schedule_problem(run_dir, steps[-1])
+    if problem:
+        return f"{run.name} s{seed}: {problem}"
+    previous = 0
     for minutes, step in zip(plan.marks_min, steps, strict=True):
-        key = str(step)
+        key, after = str(step), previous
+        previous = step
         if key in cache["marks"]:
             continue
         checkpoint = run_dir / "checkpoints" / f"step_{step:07d}"
@@ -411,13 +426,23 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
             episodes = json.loads((out / "episodes.json").read_text())
             if episodes and episodes[0].get("outcome"):  # kept for figures of where runs end
                 entries[label]["outcomes"] = [e["outcome"] for e in episodes]
-        cache["marks"][key] = {"minutes": minutes, "entries": entries}
+        # Stability evidence of the steps since the previous mark, beside the scores they led to.
+        train = interval_stats(read_log(run_dir), after, step)
+        cache["marks"][key] = {"minutes": minutes, "entries": entries, "train": train}
         write_atomic(path, cache)
+    if cache.get("final") and cache["final"].get("step", steps[-1]) != steps[-1]:
+        # A mark was appended: the diagnostics move to the new last mark, the old ones are kept.
+        cache.setdefault("earlier_finals", []).append(cache.pop("final"))
     if not cache.get("final"):
         last = run_dir / "checkpoints" / f"step_{steps[-1]:07d}"
         policy = load_policy(last, weights="ema", device=setup.device)
         headline = run.noise_sampler or policy.method.headline
-        final: dict[str, Any] = {"headline": headline, "latency_ms": {}, "noise": {}}
+        final: dict[str, Any] = {
+            "step": steps[-1],
+            "headline": headline,
+            "latency_ms": {},
+            "noise": {},
+        }
         for label in samplers_of(run):
             final["latency_ms"][label] = chunk_latency_ms(policy, label)
         if policy.method.uses_noise:
@@ -436,6 +461,28 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
         cache["final"] = final
         write_atomic(path, cache)
     return f"{run.name} s{seed}: done ({len(steps)} marks)"
+
+
+def schedule_problem(run_dir: Path, last_step: int) -> str | None:
+    """Why a run folder cannot be continued to ``last_step``, or None.
+
+    Under the cosine schedule the learning rate of every step depends on ``training.steps``, the
+    plan's last mark: a run trained toward another last mark (a mark appended to its plan) would
+    change schedule midway. The anytime schedule (``training.lr_schedule=constant``: warm-up,
+    then constant) does not depend on it, so its runs continue across appended marks.
+    """
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        return None
+    trained = yaml.safe_load(config.read_text())["training"]
+    if trained.get("lr_schedule", "cosine") == "constant" or int(trained["steps"]) == last_step:
+        return None
+    return (
+        f"{run_dir} was trained with the cosine schedule toward step {trained['steps']}, the plan "
+        f"now ends at step {last_step}: continuing would change its learning rates midway. Use "
+        "training.lr_schedule=constant (the anytime schedule) for plans that grow, or start the "
+        "run afresh in a new folder"
+    )
 
 
 def log_axis(plan: Plan) -> bool:

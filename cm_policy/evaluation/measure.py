@@ -59,6 +59,29 @@ def grad_stats(log: Sequence[dict]) -> dict[str, float]:
     }
 
 
+def interval_stats(log: Sequence[dict], after: int, upto: int) -> dict[str, Any]:
+    """Stability evidence of the training steps ``after < step <= upto`` of a run's log: the
+    gradient-norm statistics (:func:`grad_stats`) and, for each raw loss term the method logs,
+    its mean over the interval and over the interval's last tenth (where it ended up)."""
+    rows = [r for r in log if after < r["step"] <= upto]
+    out: dict[str, Any] = {"steps": [after, upto], "logged_steps": len(rows)}
+    if not rows:
+        return out
+    out.update(grad_stats(rows))
+    skip = {"step", "grad_norm", "nonfinite_grad_frac", "lr", "wall_s"}
+    tail = rows[-max(1, len(rows) // 10) :]
+    out["loss"] = {
+        key: {
+            "mean": float(np.mean([r[key] for r in rows])),
+            "last_tenth": float(np.mean([r[key] for r in tail])),
+        }
+        for key in rows[0]
+        if key not in skip
+    }
+    out["lr_last"] = float(rows[-1]["lr"])
+    return out
+
+
 def checkpoint_walls(run_dir: Path, log: Sequence[dict]) -> dict[int, float]:
     """Training wall time at each kept checkpoint."""
     wall = {r["step"]: r["wall_s"] for r in log}
