@@ -14,7 +14,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp_path: Path):
+def test_campaign_trains_to_marks_evaluates_and_resumes(
+    planner_pusht: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    import campaign
+
     results, root = tmp_path / "results", tmp_path / "runs"
     plan = {
         "name": "tiny",
@@ -28,6 +33,7 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
             "training.batch_size=8",
             "training.warmup_steps=1",
             "training.log_every=1",
+            "training.lr_schedule=constant",  # the anytime schedule: marks can be appended
         ],
         "marks_min": [0.01, 0.03],
         "grain": 2,
@@ -68,7 +74,16 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         # The noise diagnostic runs for the generative method only.
         assert set(final["noise"]) == ({"zero", "mean:2"} if run == "isd" else set())
         assert final["headline"] == ("2" if run == "isd" else "1")
-        assert final["train"]["nonfinite_steps"] == 0
+        assert final["train"]["nonfinite_steps"] == 0 and final["step"] == max(expected)
+        # Each mark carries its interval's stability evidence: gradients and raw loss terms.
+        previous = 0
+        for step in sorted(set(expected)):
+            train = cache["marks"][str(step)]["train"]
+            assert train["steps"] == [previous, step] and train["logged_steps"] == step - previous
+            assert train["nonfinite_steps"] == 0 and train["grad_max"] >= train["grad_median"]
+            raw = {"isd": {"loss", "loss_fm", "loss_sd"}, "reg": {"loss", "loss_mse"}}[run]
+            assert set(train["loss"]) == raw
+            previous = step
         # Only the marks' checkpoints and the last two stay (a long campaign would fill the disk).
         kept = {p.name for p in (root / f"{run}_s0" / "checkpoints").glob("step_*")}
         marks = {f"step_{s:07d}" for s in expected}
@@ -106,6 +121,31 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         [*command[:2], str(bad_file), "--report-only"], capture_output=True, text=True, check=False
     )
     assert wrong.returncode != 0 and "noise_sampler='16'" in wrong.stderr, wrong.stderr[-2000:]
+
+    # A mark appended to the finished plan: every run trains on from its last checkpoint, the new
+    # mark is evaluated, the last-mark diagnostics move there and the earlier ones are kept.
+    before = {r: json.loads((results / "cache" / f"{r}_s0.json").read_text()) for r in costs}
+    plan["marks_min"] = [*plan["marks_min"], 0.05]  # kept so for the rest of the test
+    plan_file.write_text(yaml.safe_dump(plan))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for run in costs:
+        cache = json.loads((results / "cache" / f"{run}_s0.json").read_text())
+        new_step = max(2, round(0.05 * 60 / costs[run] / 2) * 2)
+        old_last = before[run]["final"]["step"]
+        assert set(cache["marks"]) == {*before[run]["marks"], str(new_step)}
+        assert {k: cache["marks"][k] for k in before[run]["marks"]} == before[run]["marks"]
+        assert cache["marks"][str(new_step)]["train"]["steps"] == [old_last, new_step]
+        assert cache["final"]["step"] == new_step
+        assert cache["earlier_finals"] == [before[run]["final"]]
+    log = (root / "isd_s0.log").read_text()
+    assert log.count("training isd on pusht_keypoints") == 3  # one training call per mark
+    # Under the cosine schedule a run trained toward another last step is refused, not bent.
+    assert campaign.schedule_problem(root / "isd_s0", 10**6) is None  # constant: fine
+    config = root / "isd_s0" / "config.yaml"
+    config.write_text(config.read_text().replace("lr_schedule: constant", "lr_schedule: cosine"))
+    problem = campaign.schedule_problem(root / "isd_s0", 10**6)
+    assert problem and "cosine" in problem and "lr_schedule=constant" in problem
 
     # A run of another plan that is the same training (a recipe study's winner in the main
     # campaign) is reused: its caches are copied, nothing is trained; any difference is refused.

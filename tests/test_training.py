@@ -69,6 +69,38 @@ def test_resume_continues_bit_for_bit(planner_pusht: Path, tmp_path: Path):
     assert walls == sorted(walls), "a resumed run's clock must continue, not restart"
 
 
+def test_anytime_schedule_extends_a_finished_run_as_if_it_had_never_stopped(
+    planner_pusht: Path, tmp_path: Path
+):
+    """Warm-up then constant (training.lr_schedule=constant): a run trained to its plan's last
+    step (3), then continued toward a step appended later (6), ends with the weights of one run
+    trained to 6 in one go. Under the cosine schedule the first 3 steps already differ."""
+    anytime = ["training.lr_schedule=constant", "training.checkpoint_every=3"]
+    straight = train(tiny_cfg(planner_pusht, tmp_path / "a", *anytime, "training.steps=6"))
+    first = train(tiny_cfg(planner_pusht, tmp_path / "b", *anytime, "training.steps=3"))
+    extended = train(
+        tiny_cfg(planner_pusht, tmp_path / "b", *anytime, "training.steps=6", f"resume={first}")
+    )
+    for name in ("model", "ema", "optimizer"):
+        a = load_file(straight / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        b = load_file(extended / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key] == b[key]).all(), f"{name}:{key} differs after extending"
+    lrs = [json.loads(x)["lr"] for x in (extended / "train_log.jsonl").read_text().splitlines()]
+    # The log shows the rate of the next step: after the 2 warm-up steps, the constant 3e-4.
+    assert lrs == [pytest.approx(3e-4)] * 6
+    # The same extension under the cosine schedule (its rates bent toward step 3, then toward 6)
+    # does not reproduce the straight run: what the anytime schedule is for.
+    cosine = ["training.checkpoint_every=3"]
+    c6 = train(tiny_cfg(planner_pusht, tmp_path / "c", *cosine, "training.steps=6"))
+    c3 = train(tiny_cfg(planner_pusht, tmp_path / "d", *cosine, "training.steps=3"))
+    c3 = train(tiny_cfg(planner_pusht, tmp_path / "d", *cosine, "training.steps=6", f"resume={c3}"))
+    a = load_file(c6 / "checkpoints" / "step_0000006" / "model.safetensors")
+    b = load_file(c3 / "checkpoints" / "step_0000006" / "model.safetensors")
+    assert any((a[k] != b[k]).any() for k in a), "cosine rates must depend on training.steps"
+
+
 def test_cli_train_then_eval(planner_pusht: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     run = tmp_path / "run"
     main(
