@@ -49,6 +49,10 @@ commands:
                                       serve a checkpoint (torch) or an exported model (ONNX
                                       Runtime, no torch) as a WebSocket action server
                                       (config/serve)
+  campaign PLAN [--jobs N --threads N --runs A,B --seeds 0,1 --report-only --costs-only ...]
+                                      a comparison plan (eval/plans/*.yaml) at equal training
+                                      compute: trains every run to each mark, resumable,
+                                      evaluates, writes the report (cm-policy campaign -h)
   export checkpoint=PATH out=FILE.onnx [weights=ema steps=N sampler=KIND opset=18
        exporter=auto]                 the whole predict_action (headline sampler) as one ONNX
                                       graph with its spec in the metadata (config/export)
@@ -178,7 +182,9 @@ def cmd_run(args: list[str]) -> Path:
         opts = {**defaults, **cfg.demos, "out": str(dataset)}
         opts["images"] = bool(cfg.demos.images) or bool(cfg.task.image_keys)
         task.generate(opts)
-    run_dir = train(cfg)
+    # The job evaluates the final policy itself (eval_final, with videos, for the report): the
+    # trainer keeps only its periodic evaluations (training.eval_every > 0), never a second one.
+    run_dir = train(cfg, final_eval=False)
     policy = load_policy(run_dir, weights="ema")
     metrics = run_eval(cfg, policy, run_dir / "eval_final")
     plot_learning_curves(run_dir)
@@ -230,6 +236,13 @@ def cmd_serve(args: list[str]) -> None:
     )
 
 
+def cmd_campaign(args: list[str]) -> None:
+    """Run (or report) a campaign plan: :mod:`cm_policy.experiments.campaign`."""
+    from cm_policy.experiments.campaign import main as campaign
+
+    campaign(args)
+
+
 def cmd_export(args: list[str]) -> dict:
     """Export a checkpoint's ``predict_action`` as an ONNX model (config/export)."""
     from cm_policy.export import export_checkpoint
@@ -261,8 +274,10 @@ DEBUG_ENV = "CM_POLICY_DEBUG"
 
 
 def user_error(exc: BaseException) -> str | None:
-    """The message of an error a user's input caused (a missing file, a bad value, an unknown
-    config choice), or None for anything else (a bug, whose traceback is worth seeing)."""
+    """The message of an error a user's input or setup caused (a missing file, a bad value, an
+    unknown config choice, a damaged dataset: DatasetError is a ValueError, a module of an
+    optional extra not installed), or None for anything else (a bug, whose traceback is worth
+    seeing)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -270,6 +285,18 @@ def user_error(exc: BaseException) -> str | None:
         return str(exc).strip()
     if isinstance(exc, FileNotFoundError | NotADirectoryError | ValueError | KeyError):
         return str(exc).strip("'\"")
+    if isinstance(exc, ModuleNotFoundError):
+        # Only the modules of pyproject.toml's optional "onnx" extra (export, and serving an
+        # exported model): any other missing module is a broken install, worth its traceback.
+        if (exc.name or "").partition(".")[0] not in ("onnx", "onnxscript", "onnxruntime"):
+            return None
+        message = str(exc)
+        if "pip install" not in message:  # a bare import error: add what require_onnx_extra says
+            message += (
+                "; it comes with the optional 'onnx' extra: pip install 'cm-policy[onnx]' "
+                "(from a checkout: pip install -e '.[onnx]')"
+            )
+        return message
     return None
 
 
@@ -296,7 +323,9 @@ def run_command(argv: list[str]) -> Any:
     folder, metrics), errors raised as they are."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     parser = argparse.ArgumentParser(prog="cm-policy", usage=USAGE, add_help=True)
-    parser.add_argument("command", choices=["data", "train", "eval", "run", "serve", "export"])
+    parser.add_argument(
+        "command", choices=["data", "train", "eval", "run", "serve", "export", "campaign"]
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return
@@ -309,6 +338,7 @@ def run_command(argv: list[str]) -> Any:
         "run": cmd_run,
         "serve": cmd_serve,
         "export": cmd_export,
+        "campaign": cmd_campaign,
     }
     return commands[command](rest)
 

@@ -60,6 +60,34 @@ def cm_policy_version() -> str:
         return "unknown"
 
 
+# The modules of pyproject.toml's optional "onnx" extra: torch.onnx's exporter needs onnx and
+# onnxscript, and every export is checked in ONNX Runtime before it is written (:func:`verify`).
+ONNX_EXTRA_MODULES = ("onnx", "onnxscript", "onnxruntime")
+ONNX_INSTALL = "pip install 'cm-policy[onnx]' (from a checkout: pip install -e '.[onnx]')"
+
+
+def require_onnx_extra() -> None:
+    """Raise a ModuleNotFoundError that says how to install them when modules of the ``onnx``
+    extra are missing: checked before any work, since torch.onnx otherwise fails deep inside
+    the export with a bare "No module named 'onnx'"."""
+    missing = [name for name in ONNX_EXTRA_MODULES if not _importable(name)]
+    if missing:
+        raise ModuleNotFoundError(
+            f"cm-policy export needs the optional 'onnx' extra ({', '.join(ONNX_EXTRA_MODULES)}); "
+            f"not installed: {', '.join(missing)}. Install it with: {ONNX_INSTALL}",
+            name=missing[0],
+        )
+
+
+def _importable(name: str) -> bool:
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, or without a spec
+        return False
+
+
 def scale_offset(policy: Policy, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The normaliser's float32 scale and offset of ``key`` (``y = x * scale + offset``)."""
     state = policy.normalizer.state_dict()
@@ -328,6 +356,7 @@ def export_policy(
     wrote it, the model is run in ONNX Runtime at batch sizes 1 and 3 and compared with torch
     before it is saved (:func:`verify`).
     """
+    require_onnx_extra()
     import onnx
 
     if exporter not in EXPORTERS:
@@ -391,6 +420,8 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export the policy of a checkpoint (run, checkpoints or checkpoint folder)."""
     from cm_policy.checkpoint import load_policy, resolve_checkpoint
+
+    require_onnx_extra()  # before loading the checkpoint: nothing can be exported without it
 
     folder = resolve_checkpoint(checkpoint, weights)
     policy = load_policy(folder, weights=weights, device="cpu")

@@ -1,6 +1,9 @@
-"""Checks every policy backend applies to an observation window and its actions (numpy only,
-so that the torch :class:`~cm_policy.policy.Policy` and the ONNX Runtime
-:class:`~cm_policy.serve.onnx_policy.OnnxPolicy` refuse the same requests with the same words)."""
+"""Observation windows, and the checks every policy backend applies to a window and its actions.
+
+It imports numpy only, so deployment code can import it without gymnasium or torch: the runner
+and the action server keep their windows with the same :func:`stack_obs` / :func:`push_obs`, and
+the torch :class:`~cm_policy.policy.Policy` and the ONNX Runtime
+:class:`~cm_policy.serve.onnx_policy.OnnxPolicy` refuse the same requests with the same words."""
 
 from __future__ import annotations
 
@@ -8,6 +11,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+
+def stack_obs(obs: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
+    """A history window (B, steps, ...) filled with the first observation (B, ...)."""
+    return {k: np.repeat(np.asarray(v)[:, None], steps, axis=1) for k, v in obs.items()}
+
+
+def push_obs(history: dict[str, np.ndarray], obs: Mapping[str, np.ndarray]) -> None:
+    """Shift the history windows by one step and append ``obs`` in place."""
+    for k, window in history.items():
+        window[:, :-1] = window[:, 1:]
+        window[:, -1] = obs[k]
 
 
 class ActionRefused(ValueError):

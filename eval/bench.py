@@ -1,7 +1,8 @@
 """Performance benchmarks, measured side by side in one run -> eval/results/bench.md (+ PNG).
 
-1. Action latency (``Policy.predict_action``) at batch 1 and 64: iSD 1 and 2 steps, DDIM-10,
-   DDPM-100 and flow-16 on the same network, beside a bare network forward pass.
+1. Action latency (``Policy.predict_action``) at batch 1 and 64: every sampler setting a
+   comparison evaluates (each registered method's ``eval_samplers``: iSD 1, 2 and 4 steps,
+   DDPM-100, DDIM-10, flow-16, ...) on the same network, beside a bare network forward pass.
 2. Training throughput (samples/s) of one step of each method on the same network and batch.
 3. Data pipeline: samples/s of sampler + normaliser + collation at batch 256, and its share of a
    training step (is training input-bound?).
@@ -38,13 +39,26 @@ from cm_policy.training.data import TrainingData, fit_normalizer
 from cm_policy.training.trainer import policy_spec
 
 REAL_PUSHT = Path(__file__).resolve().parents[2] / "shared/data/pusht/pusht_cchi_v7_replay.zarr"
-SAMPLERS = {  # label -> (method name, sampler kind, steps)
-    "isd-1": ("isd", None, 1),
-    "isd-2": ("isd", None, 2),
-    "ddim-10": ("ddpm", "ddim", 10),
-    "ddpm-100": ("ddpm", "ddpm", 100),
-    "flow-16": ("flow", None, 16),
-}
+
+
+def registered_samplers() -> dict[str, tuple[str, str, int]]:
+    """Bench label -> (method name, sampler kind, steps) for every registered method's evaluated
+    samplers (its ``eval_samplers``, parsed with its ``parse_label``). A label is
+    ``<method>-<steps>`` (``isd-1``), or ``<kind>-<steps>`` for a method with several sampler
+    kinds (``ddim-10``); ``<method>:<kind>-<steps>`` where that name is taken already."""
+    samplers: dict[str, tuple[str, str, int]] = {}
+    for name, cls in sorted(METHODS.items()):
+        method = make_method(name)
+        for label in cls.eval_samplers:
+            kind, steps = method.parse_label(label)
+            bench = f"{kind if len(cls.samplers) > 1 else name}-{steps}"
+            if bench in samplers:
+                bench = f"{name}:{kind}-{steps}"
+            samplers[bench] = (name, kind, steps)
+    return samplers
+
+
+SAMPLERS = registered_samplers()
 
 
 def synchronize(device: torch.device) -> None:
@@ -177,7 +191,7 @@ def peak_rss_training(overrides: list[str], workdir: Path) -> float:
         "training.steps=5",
         "training.checkpoint_every=5",
         "training.log_every=5",
-        "training.eval_every=0",
+        "training.eval_every=null",
         f"output_dir={workdir}",
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -152,7 +152,8 @@ import numpy as np, torch
 job = json.loads(sys.argv[1])
 torch.set_num_threads(job["threads"])
 from cm_policy.checkpoint import load_policy
-from cm_policy.evaluation.runner import evaluate_policy, push_obs, stack_obs
+from cm_policy.evaluation.runner import evaluate_policy
+from cm_policy.observations import push_obs, stack_obs
 from cm_policy.tasks import load_task
 
 policy = load_policy(job["checkpoint"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A campaign plan on one GPU within one device allowance (issue 15, item 7): the same runs,
 # seeds, marks (the CPU plan's steps, from its step_costs.json), samplers and test episodes as
-# `python eval/campaign.py PLAN` on 2 CPU cores, with the training and the policy on the GPU and
+# `cm-policy campaign PLAN` on 2 CPU cores, with the training and the policy on the GPU and
 # the evaluation envs on the machine's CPU cores. What finishes before the time is up is reported:
 # every mark is cached as it is evaluated.
 #
@@ -52,7 +52,7 @@ ARGS=("$PLAN" --jobs "$JOBS" --threads "$THREADS" --device "$DEVICE" --n-envs "$
 finish() {
   # Without step costs nothing was trained: a report would only measure them.
   [ -f "$WORK/results/step_costs.json" ] \
-    && { "$PY" eval/campaign.py "${ARGS[@]}" --report-only >"$WORK/logs/report.log" 2>&1 \
+    && { "$PY" -m cm_policy.cli campaign "${ARGS[@]}" --report-only >"$WORK/logs/report.log" 2>&1 \
       || tail -5 "$WORK/logs/report.log"; }
   cp "$WORK/results/$NAME.md" "$WORK/results/$NAME.png" "$OUT/" 2>/dev/null
   tar -czf "$OUT/cache.tar.gz" -C "$WORK/results" cache step_costs.json 2>/dev/null
@@ -72,4 +72,4 @@ print(p.get('results', 'eval/results/' + p['name']))")/step_costs.json
 [ -f "$costs" ] || echo "no $costs: step costs measured on this machine's CPU" \
   | tee -a "$OUT/stages.txt"
 left=$((TOTAL - (SECONDS - START) - MARGIN))
-stage campaign "$left" "$PY" eval/campaign.py "${ARGS[@]}"
+stage campaign "$left" "$PY" -m cm_policy.cli campaign "${ARGS[@]}"

@@ -33,7 +33,7 @@ stage bench_amp_compile 200 "$PY" eval/bench.py --device cuda --model unet_dp --
 stage train 150 "$PY" -m cm_policy.cli train task=pusht_keypoints model=unet_dp \
   task.dataset_path="$DATA" training.steps=1500 training.batch_size=256 training.lr=1e-4 \
   training.warmup_steps=100 training.checkpoint_every=1500 training.num_threads=8 \
-  output_dir="$OUT/train_keypoints_dp" || status=1
+  training.eval_every=null output_dir="$OUT/train_keypoints_dp" || status=1
 stage eval 90 "$PY" -m cm_policy.cli eval checkpoint="$OUT/train_keypoints_dp" steps=1 \
   n_episodes=100 n_envs=16 n_videos=2 output_dir="$OUT/eval_keypoints_dp_steps1" || status=1
 echo "stages:"; cat "$OUT/stages.txt"

@@ -60,7 +60,8 @@ AMP=true
 COMMON=(task=pusht_image "task.dataset_path=$DATA" "model=$MODEL" method=isd
   method.derivative=jvp "training.amp=$AMP"
   "training.batch_size=$BATCH" "training.lr=$LR" "training.device=$DEVICE"
-  "training.num_threads=$THREADS" training.log_every=10 eval.progress=false)
+  "training.num_threads=$THREADS" training.log_every=10 eval.progress=false
+  training.eval_every=null)  # the eval stages below evaluate, with their own settings
 
 finish() {
   "$PY" - "$WORK" "$OUT" "$MODEL" "$BATCH" "$LR" "$COMPILE" "$AMP" <<'EOF' || true

@@ -27,7 +27,7 @@ import torch
 
 from cm_policy.configs import compose
 from cm_policy.evaluation.machine import describe_machine
-from cm_policy.evaluation.measure import (
+from cm_policy.experiments.measure import (
     RUN_OVERHEAD,
     cached,
     checkpoint_walls,
@@ -210,7 +210,7 @@ def training_config(
         f"training.warmup_steps={b.warmup_steps}",
         f"training.num_threads={b.threads}",
         "training.log_every=1",
-        "training.eval_every=0",
+        "training.eval_every=null",
         f"training.checkpoint_every={max(1, b.steps // b.n_snapshots)}",
         "training.keep_checkpoints=0",
         f"eval.max_steps={b.max_steps}",

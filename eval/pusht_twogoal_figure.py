@@ -1,6 +1,6 @@
 """Where two-goal PushT episodes end: final block poses over the two goal outlines, per run.
 
-Reads a pusht_twogoal campaign's cached evaluations (eval/campaign.py keeps each episode's
+Reads a pusht_twogoal campaign's cached evaluations (cm-policy campaign keeps each episode's
 outcome) and draws, for every run and sampler at the last mark, the final T of the first
 ``--per-run`` episodes (seed 0's test episodes first): green where goal A or B was reached, red
 where the episode ended between the goals, grey otherwise.

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cm_policy.envs.pusht import PushTEnv, coverage_of, tee_geometry
 from cm_policy.envs.pusht_planner import plan_episode
 from cm_policy.evaluation.machine import describe_machine
-from cm_policy.evaluation.runner import wilson_interval
+from cm_policy.stats import wilson_interval
 from cm_policy.tasks.pusht_twogoal import GOAL_NAMES, GOALS
 
 

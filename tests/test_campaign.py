@@ -1,4 +1,5 @@
-"""The campaign runner (eval/campaign.py): marks at equal training compute, caching, resuming."""
+"""The campaign runner (``cm-policy campaign``): marks at equal training compute, caching,
+resuming, appended marks, reports."""
 
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
+from cm_policy.experiments import campaign, score_bins
+
 REPO = Path(__file__).resolve().parents[1]
+CAMPAIGN = [sys.executable, "-m", "cm_policy.cli", "campaign"]
 
 
-def test_campaign_trains_to_marks_evaluates_and_resumes(
-    planner_pusht: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.syspath_prepend(str(REPO / "eval"))
-    import campaign
-
+def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp_path: Path):
     results, root = tmp_path / "results", tmp_path / "runs"
     plan = {
         "name": "tiny",
@@ -54,7 +53,7 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(
     }
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
-    command = [sys.executable, str(REPO / "eval/campaign.py"), str(plan_file), "--root", str(root)]
+    command = [*CAMPAIGN, str(plan_file), "--root", str(root)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -118,7 +117,7 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(
     bad_file = tmp_path / "bad.yaml"
     bad_file.write_text(yaml.safe_dump(bad))
     wrong = subprocess.run(
-        [*command[:2], str(bad_file), "--report-only"], capture_output=True, text=True, check=False
+        [*CAMPAIGN, str(bad_file), "--report-only"], capture_output=True, text=True, check=False
     )
     assert wrong.returncode != 0 and "noise_sampler='16'" in wrong.stderr, wrong.stderr[-2000:]
 
@@ -168,8 +167,7 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(
     reuse_file.write_text(yaml.safe_dump(reuse))
     reuse_root = tmp_path / "reuse_runs"
     again = [
-        sys.executable,
-        str(REPO / "eval/campaign.py"),
+        *CAMPAIGN,
         str(reuse_file),
         "--root",
         str(reuse_root),
@@ -218,13 +216,10 @@ def report_plan(tmp_path: Path, **fields) -> dict:
 
 
 def test_report_pools_task_rates_and_the_balance_of_two_outcomes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ):
     """A two-goal style plan: shares of all episodes and the balance of A among A + B, pooled over
     seeds, in the score table and in the noise diagnostic's rates."""
-    monkeypatch.syspath_prepend(str(REPO / "eval"))
-    import campaign
-
     plan = report_plan(
         tmp_path,
         name="modes",
@@ -271,13 +266,10 @@ def test_report_pools_task_rates_and_the_balance_of_two_outcomes(
 
 
 def test_report_compares_every_entry_with_the_reference(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ):
     """Each entry minus the reference at a mark: the score difference with the two pooled
     intervals combined, the success difference with Newcombe's interval, and the reading."""
-    monkeypatch.syspath_prepend(str(REPO / "eval"))
-    import campaign
-
     plan = report_plan(
         tmp_path,
         name="versus",
@@ -326,14 +318,11 @@ def test_report_compares_every_entry_with_the_reference(
 
 
 def test_score_bins_split_what_the_mean_score_lacks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ):
-    """eval/score_bins.py: episodes land in their bins by best reward (successes apart), the
+    """score_bins: episodes land in their bins by best reward (successes apart), the
     bins' shares add up to 1 - mean_score, and folders of evaluations are read in step order (the
     last mark's diagnostics last)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
-    import score_bins
-
     rewards = [0.0, 0.3, 0.3, 0.7, 0.9, 0.96, 1.0, 1.0]
     episodes = [{"max_reward": r, "success": r == 1.0} for r in rewards]
     counts, lost = score_bins.bin_losses(episodes)
@@ -348,7 +337,8 @@ def test_score_bins_split_what_the_mean_score_lacks(
         (tmp_path / "run" / "eval" / name / "episodes.json").write_text(json.dumps(episodes))
     out = tmp_path / "bins"
     subprocess.run(
-        [sys.executable, "eval/score_bins.py", str(tmp_path / "run" / "eval"), "--out", str(out)],
+        [sys.executable, "-m", "cm_policy.experiments.score_bins", str(tmp_path / "run" / "eval"),
+         "--out", str(out)],
         cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True,
     )  # fmt: skip
     rows = [line for line in (tmp_path / "bins.md").read_text().splitlines() if "| run " in line]
@@ -379,3 +369,68 @@ def test_score_bins_split_what_the_mean_score_lacks(
         if n:
             assert score == rate == (1.0 if name in ("0-45", "45-90") else 0.0)
             assert zero == (0 if score else n) and stalled == 0
+
+
+def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: Path):
+    """An equal-steps plan (marks_steps): every run's marks are the same steps; the report reads
+    each entry's change from one mark to the next (rising / flat / falling), shows each seed, and
+    lists the training statistics of each interval."""
+    plan = report_plan(
+        tmp_path,
+        name="steps",
+        task="pusht_keypoints",
+        marks_min=[],
+        marks_steps=[200, 100, 300],
+        runs=[{"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]}],
+    )
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    loaded = campaign.Plan.load(plan_file)
+    assert campaign.mark_steps(loaded, 1.0) == campaign.mark_steps(loaded, 7.0) == [100, 200, 300]
+
+    def entry(score: float, success: float) -> dict:
+        return {
+            "n_episodes": 250,
+            "mean_score": score,
+            "mean_score_ci95": [score - 0.02, score + 0.02],
+            "success_rate": success,
+        }
+
+    train = {
+        "steps": [0, 100],
+        "logged_steps": 100,
+        "grad_median": 1.5,
+        "grad_p99": 4.0,
+        "grad_max": 9.0,
+        "nonfinite_steps": 0,
+        "lr_last": 3e-4,
+        "loss": {"loss_fm": {"mean": 0.5, "last_tenth": 0.25}},
+    }
+    # 0.5 -> 0.8 (rising), 0.8 -> 0.79 (flat), success 0.3 -> 0.3 -> 0.1 (falling at the end).
+    scores = {100: (0.5, 0.3), 200: (0.8, 0.3), 300: (0.79, 0.1)}
+    for seed in (0, 1):
+        marks = {
+            str(k): {"minutes": k / 60, "entries": {"1": entry(*v)}, "train": train}
+            for k, v in scores.items()
+        }
+        campaign.write_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {"marks": marks})
+    text = campaign.write_report(loaded, {"gen": 1.0}, "cmd").read_text()
+    assert (
+        "equal training steps" in text
+        and "| run sampler | 100 steps | 200 steps | 300 steps |" in text
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| gen 1 | ")]
+    assert any(
+        r.startswith("| gen 1 | 100 -> 200 |") and r.endswith("| rising, flat |") for r in rows
+    )
+    assert any(
+        r.startswith("| gen 1 | 200 -> 300 |") and r.endswith("| flat, falling |") for r in rows
+    )
+    assert "| gen | 1 | 300 | 2/2 | 500 | 0.790 +- 0.014 |" in text
+    assert "| 0.790 / 0.10, 0.790 / 0.10 |" in text  # each seed beside the pooled figure
+    assert "| gen | 0 | 0-100 | 1.5 | 4 | 9 | 0 | 0.0003 | loss_fm 0.5 (0.25) |" in text
+    assert (tmp_path / "steps.png").stat().st_size > 0
+    # Marks in both units, or in neither, are refused.
+    plan_file.write_text(yaml.safe_dump({**plan, "marks_min": [10]}))
+    with pytest.raises(SystemExit, match="either in minutes"):
+        campaign.Plan.load(plan_file)

@@ -1,7 +1,8 @@
 """LeRobotDataset -> replay buffer (cm_policy/data/formats/lerobot.py), against files that
 LeRobot's own code wrote: codebase v3.0 by ``lerobot-dataset`` (LeRobot 0.4.4's dataset code)
 and v2.1 by ``lerobot==0.3.3``, both run in a side virtualenv that
-``eval/lerobot_roundtrip.py`` creates on first use (about 2 minutes; kept under /tmp, reused).
+``cm_policy/experiments/lerobot_roundtrip.py`` creates on first use (about 2 minutes; kept under
+/tmp, reused).
 
 In CI (CI=true) a writer that cannot be installed, or a missing PushT dataset, fails the tests;
 elsewhere they are skipped with the reason.
@@ -9,10 +10,8 @@ elsewhere they are skipped with the reason.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,9 @@ from cm_policy.data.formats.lerobot import (
     parse_resize,
     source_attrs,
 )
+from cm_policy.experiments import lerobot_roundtrip as roundtrip
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "lerobot_roundtrip", REPO / "eval/lerobot_roundtrip.py"
-)
-roundtrip = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("lerobot_roundtrip", roundtrip)
-_spec.loader.exec_module(roundtrip)
 
 VERSIONS = ["v3.0", "v2.1"]
 PUSHT_EPISODES = 3

@@ -5,29 +5,29 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from cm_policy.methods import METHODS, make_method
+from cm_policy.methods import METHODS, make_method, method_defaults
 from cm_policy.models.unet import ConditionalUnet1D
 
 HORIZON, ACT, COND = 8, 2, 6
 EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
-VARIANTS = {
-    "isd": {},
-    "isd_jvp": {"derivative": "jvp"},
-    "isd_quarter": {"sd_fraction": 0.25},
-    "ddpm": {},
-    "flow": {},
-    "meanflow": {},
-    "meanflow_noadapt": {"adaptive_p": 0.0},
-    "ict": {},
-    "regression": {},
+# Settings beside a method's YAML defaults that get their own runs here: name -> (method,
+# hyper-parameters that replace the YAML's). Every registered method is tested with its YAML's
+# defaults without being listed (VARIANTS), so a new method needs no edit of this file.
+EXTRA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "isd_jvp": ("isd", {"derivative": "jvp"}),
+    "isd_quarter": ("isd", {"sd_fraction": 0.25}),
+    "meanflow_noadapt": ("meanflow", {"adaptive_p": 0.0}),
 }
-RAW = {"isd": ("loss_fm", "loss_sd"), "ddpm": ("loss_eps",), "flow": ("loss_fm",)}
-RAW.update({"meanflow": ("loss_mf",), "ict": ("loss_ct",), "regression": ("loss_mse",)})
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{name: (name, {}) for name in sorted(METHODS)},
+    **EXTRA_VARIANTS,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +38,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def base_name(variant: str) -> str:
-    return variant.split("_")[0]
-
-
 def make(variant: str):
-    return make_method(base_name(variant), **VARIANTS[variant])
+    name, overrides = VARIANTS[variant]
+    return make_method(name, **overrides)
+
+
+def raw_keys(variant: str) -> tuple[str, ...]:
+    """The raw loss terms the variant's method declares it logs (its ``loss_keys``)."""
+    name = VARIANTS[variant][0]
+    keys = METHODS[name].loss_keys
+    assert keys, f"method {name} declares no loss_keys"
+    return keys
 
 
 def tiny_net(seed: int = 0) -> ConditionalUnet1D:
@@ -53,8 +58,15 @@ def tiny_net(seed: int = 0) -> ConditionalUnet1D:
     )
 
 
-def test_every_registered_method_is_covered():
-    assert {base_name(v) for v in VARIANTS} == set(METHODS)
+def test_extra_variants_change_a_registered_method_s_yaml_setting():
+    """An extra variant is a registered method with hyper-parameters of its YAML set to other
+    values (a misspelt key or a value equal to the default would test nothing new), under a name
+    of its own (one of a method would hide that method's default variant)."""
+    for variant, (name, overrides) in EXTRA_VARIANTS.items():
+        assert name in METHODS and variant not in METHODS, variant
+        defaults = method_defaults(name)
+        assert overrides and set(overrides) <= set(defaults), (variant, sorted(defaults))
+        assert all(defaults[k] != v for k, v in overrides.items()), variant
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -67,13 +79,16 @@ def test_loss_is_finite_and_samples_have_the_chunk_shape(variant: str):
     loss.backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    for key in RAW[base_name(variant)]:
+    for key in raw_keys(variant):
         assert torch.isfinite(logs[key])
+    # The default setting and every one a comparison evaluates (several steps among them).
+    labels = dict.fromkeys([method.headline, *type(method).eval_samplers])
     with torch.no_grad():
-        for steps in (1,) if variant == "regression" else (1, 3):
-            out = method.sample(net, cond[:3], (3, HORIZON, ACT), steps=steps)
-            assert out.shape == (3, HORIZON, ACT)
-            assert out.abs().max() <= 1.0 and torch.isfinite(out).all()
+        for label in labels:
+            kind, steps = method.parse_label(label)
+            out = method.sample(net, cond[:3], (3, HORIZON, ACT), steps=steps, sampler=kind)
+            assert out.shape == (3, HORIZON, ACT), label
+            assert out.abs().max() <= 1.0 and torch.isfinite(out).all(), label
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -87,7 +102,7 @@ def test_a_few_steps_reduce_the_loss_on_a_trivial_dataset(variant: str):
     def raw_loss(seed: int) -> float:
         torch.manual_seed(seed)
         _, logs = method.loss(net, actions, cond)
-        return sum(float(logs[k]) for k in RAW[base_name(variant)])
+        return sum(float(logs[k]) for k in raw_keys(variant))
 
     before = np.mean([raw_loss(100 + i) for i in range(4)])
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -222,7 +237,7 @@ def test_compare_harness_runs_end_to_end_and_resumes(
     from harness import BUDGETS, TEST_START, headline, run_compare, training_config, write_report
 
     from cm_policy.checkpoint import load_policy
-    from cm_policy.evaluation.measure import chunk_spread
+    from cm_policy.experiments.measure import chunk_spread
 
     out, dataset = tmp_path / "runs", str(planner_pusht)
     results = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=dataset)
@@ -345,12 +360,29 @@ def test_regression_is_deterministic_and_one_step():
     a = method.sample(net, cond, (3, HORIZON, ACT), generator=torch.Generator().manual_seed(0))
     b = method.sample(net, cond, (3, HORIZON, ACT), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)  # no noise enters
-    # ... and it says so (the noise diagnostic skips it); every other method starts from noise.
-    assert [m for m, cls in METHODS.items() if not cls.uses_noise] == ["regression"]
+    # ... and it says so (the noise diagnostic skips it).
+    assert not METHODS["regression"].uses_noise
     with pytest.raises(ValueError, match="regression samples in one step"):
         method.sample(net, cond, (3, HORIZON, ACT), steps=2)
     with pytest.raises(ValueError, match="regression samples in one step"):
         make_method("regression", default_steps=4)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_uses_noise_says_whether_the_noise_draw_changes_the_chunk(name: str):
+    """A method that declares ``uses_noise`` samples other chunks for other noise draws (the
+    noise diagnostic measures that spread); one that does not samples the same chunk."""
+    method, net = make_method(name), tiny_net()
+    cond, shape = torch.randn(3, COND), (3, HORIZON, ACT)
+    with torch.no_grad():
+        a, b = (
+            method.sample(net, cond, shape, generator=torch.Generator().manual_seed(s))
+            for s in (0, 1)
+        )
+    if METHODS[name].uses_noise:
+        assert not torch.allclose(a, b), name
+    else:
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", ["isd", "flow", "ddpm", "meanflow", "ict"])

@@ -4,7 +4,6 @@ mode metrics."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,11 +135,10 @@ def test_generate_train_and_evaluate_with_mode_metrics(tmp_path):
     assert metrics["between"] == np.mean([o["between"] for o in outcomes])
 
 
-def test_still_agent_floor_follows_where_the_block_starts(monkeypatch: pytest.MonkeyPatch):
-    """eval/twogoal_still.py: an agent that never moves ends 'between' exactly when its block
+def test_still_agent_floor_follows_where_the_block_starts():
+    """twogoal_still: an agent that never moves ends 'between' exactly when its block
     started there, and reaches no goal."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
-    import twogoal_still
+    from cm_policy.experiments import twogoal_still
 
     task = load_task(TASK)
     env = task.make_env()
@@ -158,11 +156,10 @@ def test_still_agent_floor_follows_where_the_block_starts(monkeypatch: pytest.Mo
         assert result.outcome["between"] == started[seed] and 0.0 <= result.max_reward < 1.0
 
 
-def test_mode_split_per_initial_state(monkeypatch: pytest.MonkeyPatch):
-    """eval/twogoal_modes.py on hand-made draws: a state whose draws reach both goals is split,
+def test_mode_split_per_initial_state():
+    """twogoal_modes on hand-made draws: a state whose draws reach both goals is split,
     one whose draws all reach A is not, and a state with one goal reached does not count."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
-    import twogoal_modes
+    from cm_policy.experiments import twogoal_modes
 
     ends = {1: ["A", "B", "A", "A"], 2: ["A", "A", "A", "A"], 3: ["B", "none", "between", "none"]}
     episodes = [

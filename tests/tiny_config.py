@@ -8,6 +8,9 @@ TINY = [
     "training.log_every=1",
     "training.warmup_steps=2",
     "training.num_threads=1",
+    # No closed-loop evaluation unless a test asks for one (training.eval_every=N, or 0 for the
+    # default: once at the end of training).
+    "training.eval_every=null",
     "eval.n_episodes=2",
     "eval.max_steps=16",
     "eval.n_envs=1",

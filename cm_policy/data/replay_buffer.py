@@ -6,10 +6,12 @@ new datasets are written as zarr v3 with Blosc/zstd compression.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +48,87 @@ ArrayLike = zarr.Array | np.ndarray
 
 class DatasetError(ValueError):
     """A dataset on disk or in memory does not have the expected layout or contents."""
+
+
+# What a user can do about a chunk that cannot be decoded: the file itself is damaged.
+_DAMAGED_HINT = (
+    "the dataset is damaged (a corrupted or truncated chunk file): download it again, or "
+    "convert / generate it again from its source (cm-policy data convert / data generate)"
+)
+
+
+def _raised_by_zarr(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside zarr or its codecs (numcodecs): only then can it come
+    from an undecodable chunk, and is it worth scanning the chunks to find one."""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] in ("zarr", "numcodecs"):
+            return True
+    return False
+
+
+def _undecodable_chunk(
+    arr: zarr.Array, rows: slice = slice(None)
+) -> tuple[tuple[int, ...], Exception] | None:
+    """The first chunk of ``arr`` holding any of the time steps ``rows`` that fails to decode,
+    with its error; None when each of them decodes on its own. Reads the chunks one at a time:
+    only for a read that already failed, never on the normal path."""
+    grid = arr.cdata_shape
+    if not grid:  # a 0-d array: one chunk
+        blocks: Iterable[tuple[int, ...]] = [()]
+    else:
+        start, stop, _ = rows.indices(arr.shape[0])
+        block = arr.chunks[0]
+        first, last = start // block, min(grid[0], -(-stop // block))
+        blocks = itertools.product(range(first, last), *(range(n) for n in grid[1:]))
+    for coords in blocks:
+        try:
+            arr.get_block_selection(coords)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            return tuple(coords), exc
+    return None
+
+
+def _chunk_file(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """Where chunk ``coords`` of ``arr`` is stored: a file path for a dataset on disk."""
+    key = arr.metadata.encode_chunk_key(coords)
+    root = getattr(arr.store_path.store, "root", None)
+    return str(Path(root) / arr.path / key) if root is not None else f"{arr.path}/{key} (in memory)"
+
+
+def _damaged_chunk_error(
+    arr: zarr.Array, where: str, rows: slice = slice(None)
+) -> DatasetError | None:
+    """A DatasetError naming the array, the chunk and its file when one of ``arr``'s chunks (in
+    ``rows``) cannot be decoded, else None (the failed read had another cause)."""
+    found = _undecodable_chunk(arr, rows)
+    if found is None:
+        return None
+    coords, exc = found
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the codec says
+    return DatasetError(
+        f"{where}: {arr.path} chunk {coords} cannot be decompressed ({reason}), file "
+        f"{_chunk_file(arr, coords)}: {_DAMAGED_HINT}"
+    )
+
+
+def read_array(arr: ArrayLike, where: str, rows: slice = slice(None)) -> np.ndarray:
+    """``arr[rows]`` as a numpy array. A zarr chunk that cannot be decoded (a damaged file,
+    which zarr reports as a bare codec error such as "error during blosc decompression: -1")
+    becomes a DatasetError naming the array, the chunk and its file; ``where`` (the dataset's
+    path) starts the message."""
+    try:
+        return np.asarray(arr[rows])
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if isinstance(arr, zarr.Array) and _raised_by_zarr(exc):
+            damaged = _damaged_chunk_error(arr, where, rows)
+            if damaged is not None:
+                raise damaged from exc
+        raise
 
 
 def _time_chunk(step_shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -187,7 +270,7 @@ def _read_layout(root: zarr.Group, where: str) -> tuple[dict[str, zarr.Array], n
             f"{where}: expected an array 'meta/{EPISODE_ENDS}' of cumulative episode ends, "
             "found none"
         )
-    ends = np.asarray(ends_array[:])
+    ends = read_array(ends_array, where)
     _check_episode_ends(ends, where)
     data = dict(sorted(data_group.arrays()))
     _check_data_arrays(data, ends, where)
@@ -278,7 +361,7 @@ class ReplayBuffer:
         source = cls.open(path, mode="r", keys=keys)
         data = {}
         for key in source.keys:
-            data[key] = np.asarray(source[key][:])
+            data[key] = read_array(source[key], str(path))
             _check_finite(key, data[key], source.episode_ends, str(path))
         return cls(data, source.episode_ends, path=Path(path))
 
@@ -366,7 +449,31 @@ class ReplayBuffer:
     def get_episode(self, i: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Episode `i` as numpy arrays."""
         span = self.episode_slice(i)
-        return {k: np.asarray(self[k][span]) for k in (self.keys if keys is None else keys)}
+        where = str(self._path) if self._path is not None else "<memory>"
+        return {k: read_array(self[k], where, span) for k in (self.keys if keys is None else keys)}
+
+    @contextmanager
+    def naming_damaged_chunks(self) -> Iterator[None]:
+        """A block in which other code reads this buffer's zarr arrays itself (a task converting
+        images a chunk at a time): a read that fails on a chunk that cannot be decoded becomes
+        the DatasetError of :func:`read_array`, naming the array, the chunk and its file.
+
+        Only errors raised inside zarr are checked, by decoding the chunks one at a time, so
+        the normal path costs nothing and other errors pass through unchanged."""
+        try:
+            yield
+        except (DatasetError, MemoryError):
+            raise
+        except Exception as exc:
+            if _raised_by_zarr(exc):
+                where = str(self._path) if self._path is not None else "<memory>"
+                for arr in self._data.values():
+                    damaged = (
+                        _damaged_chunk_error(arr, where) if isinstance(arr, zarr.Array) else None
+                    )
+                    if damaged is not None:
+                        raise damaged from exc
+            raise
 
     def _require_writable(self) -> None:
         if not self._writable:
@@ -490,17 +597,17 @@ def _format_compressor(arr: zarr.Array) -> str:
     return ", ".join(names) or "none"
 
 
-def _format_range(arr: zarr.Array) -> str:
+def _format_range(arr: zarr.Array, where: str) -> str:
     n_steps = arr.shape[0]
     if n_steps == 0:
         return "empty"
     if arr.size <= _DESCRIBE_FULL_SCAN_LIMIT:
-        values = np.asarray(arr[:])
+        values = read_array(arr, where)
         return f"min {float(values.min()):.6g}, max {float(values.max()):.6g}"
     # Whole chunks spread over the array: one decompression per sampled chunk.
     block = arr.chunks[0]
     starts = np.linspace(0, n_steps - 1, _DESCRIBE_SAMPLE_CHUNKS).astype(int) // block * block
-    samples = [np.asarray(arr[s : s + block]) for s in np.unique(starts)]
+    samples = [read_array(arr, where, slice(s, s + block)) for s in np.unique(starts)]
     sampled = sum(len(s) for s in samples)
     lo = min(float(s.min()) for s in samples)
     hi = max(float(s.max()) for s in samples)
@@ -528,7 +635,7 @@ def describe(path: str | Path) -> str:
         lines.append(
             f"  {DATA_GROUP}/{key}: shape {tuple(arr.shape)}, dtype {arr.dtype}, "
             f"chunks {tuple(arr.chunks)}, compressor {_format_compressor(arr)}, "
-            f"{_format_range(arr)}"
+            f"{_format_range(arr, str(path))}"
         )
     attrs = _root_attrs(path)
     if attrs:

@@ -9,7 +9,6 @@ Episodes run in waves of ``n_envs``, each env reset with its own test seed.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +18,9 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
+
+from cm_policy.observations import push_obs, stack_obs
+from cm_policy.stats import mean_interval, wilson_interval
 
 
 class ActionPredictor(Protocol):
@@ -33,18 +35,6 @@ class EpisodeResult:
     n_steps: int
     video: str | None = None
     outcome: dict[str, Any] | None = None  # the task's account of how the episode ended
-
-
-def stack_obs(obs: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
-    """A history window (B, steps, ...) filled with the first observation (B, ...)."""
-    return {k: np.repeat(np.asarray(v)[:, None], steps, axis=1) for k, v in obs.items()}
-
-
-def push_obs(history: dict[str, np.ndarray], obs: Mapping[str, np.ndarray]) -> None:
-    """Shift the history windows by one step and append ``obs`` in place."""
-    for k, window in history.items():
-        window[:, :-1] = window[:, 1:]
-        window[:, -1] = obs[k]
 
 
 LAYOUTS = ("sync", "async")
@@ -214,31 +204,18 @@ def run_episodes(
     return results
 
 
-Z95 = 1.959964
-
-
-def wilson_interval(rate: float, n: int) -> tuple[float, float]:
-    """The 95% Wilson interval of a success rate over ``n`` episodes (sound at 0 and 1)."""
-    denom = 1 + Z95**2 / n
-    centre = (rate + Z95**2 / (2 * n)) / denom
-    spread = Z95 * math.sqrt(rate * (1 - rate) / n + Z95**2 / (4 * n**2)) / denom
-    return centre - spread, centre + spread
-
-
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     """mean_score and success rate with 95% intervals (normal for the mean, Wilson for rates)."""
     n = len(results)
     scores = np.array([r.max_reward for r in results])
     wins = sum(r.success for r in results)
-    half = Z95 * scores.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    low, high = mean_interval(scores)
     p = wins / n
     return {
         "n_episodes": n,
         "mean_score": float(scores.mean()),
-        "mean_score_ci95": [
-            max(0.0, float(scores.mean() - half)),
-            min(1.0, float(scores.mean() + half)),
-        ],
+        # Scores lie in [0, 1]; a single episode (no spread to estimate) gets all of it.
+        "mean_score_ci95": [max(0.0, low), min(1.0, high)],
         "success_rate": p,
         "success_rate_ci95": list(wilson_interval(p, n)),
         "mean_episode_steps": float(np.mean([r.n_steps for r in results])),

@@ -24,7 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from cm_policy.evaluation.runner import push_obs, stack_obs
+from cm_policy.observations import push_obs, stack_obs
 from cm_policy.serve.backend import Backend, TorchBackend
 from cm_policy.serve.batching import InferenceError, InferRequest, InferResult, MicroBatcher
 from cm_policy.serve.protocol import (

@@ -41,6 +41,8 @@ class Task:
     convert_options: ClassVar[Options] = {}
     # The info keys an evaluation keeps from each episode's last step, for episode_outcome.
     outcome_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether the task has an env to evaluate in (False: data only, trained but not evaluated).
+    simulated: ClassVar[bool] = True
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = dict(cfg)

@@ -19,6 +19,7 @@ from cm_policy.tasks import Task, as_uint8
 
 class DatasetTask(Task):
     name = "dataset"
+    simulated = False
     max_steps = 300
     success_rule = "none: a dataset task has no simulator to evaluate in"
 

@@ -29,7 +29,7 @@ import numpy as np
 import shapely
 
 from cm_policy.envs.pusht import SUCCESS_THRESHOLD, PushTEnv, coverage_of, tee_geometry
-from cm_policy.evaluation.runner import wilson_interval
+from cm_policy.stats import wilson_interval
 from cm_policy.tasks.pusht import PushT
 
 GOALS: tuple[tuple[float, float, float], ...] = (

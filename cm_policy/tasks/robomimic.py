@@ -60,7 +60,7 @@ class Robomimic(Task):
     def generate(cls, opts: Mapping[str, Any]) -> dict:
         if not opts["task"]:
             raise ValueError("cm-policy data generate robomimic needs task=lift|can|square")
-        from cm_policy.envs.robomimic_experts import generate_robomimic_dataset
+        from cm_policy.data.robomimic_demos import generate_robomimic_dataset
 
         task = opts["task"]
         return generate_robomimic_dataset(

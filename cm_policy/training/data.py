@@ -26,7 +26,8 @@ class TrainingData:
         images = [k for k in keys if len(lazy[k].shape) >= 4]
         buffer = ReplayBuffer.load(path, keys=[k for k in keys if k not in images])
         raw = {k: buffer[k] for k in buffer.keys} | {k: lazy[k] for k in images}
-        self.arrays = task.dataset_obs(raw)
+        with lazy.naming_damaged_chunks():  # a damaged image chunk: a DatasetError naming it
+            self.arrays = task.dataset_obs(raw)
         self.arrays["action"] = np.asarray(buffer["action"], dtype=np.float32)
         self.n_episodes = buffer.n_episodes
         val_mask = get_val_mask(buffer.n_episodes, cfg.training.val_ratio, cfg.seed)

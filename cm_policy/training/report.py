@@ -10,6 +10,14 @@ import torch
 from omegaconf import DictConfig
 
 from cm_policy.evaluation.machine import describe_machine
+from cm_policy.tasks import load_task
+
+
+def eval_max_steps(cfg: DictConfig) -> int:
+    """The step limit of the evaluation's episodes: ``eval.max_steps``, or when the config
+    leaves it null the task's own evaluation horizon (what the runner uses then)."""
+    max_steps = cfg.eval.max_steps
+    return int(load_task(cfg.task).horizon if max_steps is None else max_steps)
 
 
 def write_report(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any]) -> Path:
@@ -30,7 +38,7 @@ def write_report(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any]) -> Pat
         f"## Closed-loop evaluation (EMA weights, {metrics['steps']} network step(s) per chunk)",
         "",
         f"Test seeds {metrics['seeds'][0]}..{metrics['seeds'][1]} "
-        f"({metrics['n_episodes']} episodes, max {cfg.eval.max_steps} steps).",
+        f"({metrics['n_episodes']} episodes, max {eval_max_steps(cfg)} steps).",
         "",
         "| metric | value | 95% interval |",
         "|---|---|---|",

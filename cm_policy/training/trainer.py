@@ -172,13 +172,54 @@ def resume(run: Run, path: str | Path) -> None:
     run.history = ts.get("history", [])
 
 
-class Trainer:
-    """Steps a built (and possibly resumed) :class:`Run` to ``training.steps``."""
+def eval_interval(cfg: DictConfig) -> int | None:
+    """``training.eval_every``, checked: None never evaluates, 0 evaluates once at the end of
+    training, N > 0 every N steps and at the end."""
+    every = cfg.training.eval_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+        raise ValueError(
+            "training.eval_every must be null (never evaluate), 0 (evaluate once, at the end of "
+            f"training) or a positive number of steps, got {every!r}"
+        )
+    return every
 
-    def __init__(self, run: Run):
+
+def has_simulator(task_cfg: Any) -> bool:
+    """Whether a task can be evaluated closed loop (a dataset task, ``env: dataset``, cannot)."""
+    from cm_policy.tasks import load_task
+
+    return load_task(task_cfg).simulated
+
+
+class Trainer:
+    """Steps a built (and possibly resumed) :class:`Run` to ``training.steps``.
+
+    Closed-loop evaluations follow ``training.eval_every`` (:func:`eval_interval`); the one at
+    the end of training happens at ``training.steps`` only, never where ``training.stop_after``
+    stops a run early (the resumed run evaluates at its end). ``final_eval=False`` leaves out
+    that last evaluation, for a caller that evaluates the final policy itself.
+    """
+
+    def __init__(self, run: Run, final_eval: bool = True):
         self.run = run
         cfg, tc, replica = run.cfg, run.cfg.training, run.replica
         self.tc = tc
+        self.final_eval = final_eval
+        self.eval_every = eval_interval(cfg)
+        self.eval_note = ""
+        if self.eval_every is not None and not has_simulator(cfg.task):
+            if self.eval_every:
+                raise ValueError(
+                    f"training.eval_every={self.eval_every} asks for closed-loop evaluations, "
+                    f"but task {cfg.task.name!r} is a dataset without a simulator: set "
+                    "training.eval_every=null"
+                )
+            # The default (evaluate at the end) cannot apply: train, and say so.
+            self.eval_every = None
+            self.eval_note = (
+                f"no closed-loop evaluation: task {cfg.task.name!r} is a dataset without a "
+                "simulator (deploy the policy with cm-policy serve)"
+            )
         self.n_slices, self.slices = local_slices(
             int(tc.batch_size), tc.micro_batches, replica.world_size, replica.rank
         )
@@ -226,6 +267,8 @@ class Trainer:
             f"{len(run.data.sampler)} windows, {self.n_params / 1e6:.2f}M params, {tc.steps} "
             f"steps at batch {tc.batch_size}{layout} on {replica.device} -> {run.run_dir}"
         )
+        if self.eval_note:
+            print(self.eval_note)
 
     def fit(self) -> Path:
         run, tc = self.run, self.tc
@@ -243,7 +286,7 @@ class Trainer:
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
                 self.log(done, result, bar)
-            if run.main and tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+            if run.main and self.evaluates_at(done):
                 self.evaluate(done, bar)
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 self.save(done)
@@ -260,6 +303,16 @@ class Trainer:
         # Every process returns once the run folder is complete.
         run.replica.barrier()
         return run.run_dir
+
+    def evaluates_at(self, done: int) -> bool:
+        """Whether the run evaluates after step ``done``: at the end of training
+        (``training.steps``, not a ``stop_after`` stop) unless eval_every is null or
+        ``final_eval`` is off, and at every multiple of a positive eval_every."""
+        if self.eval_every is None:
+            return False
+        if done == self.tc.steps:
+            return self.final_eval
+        return self.eval_every > 0 and done % self.eval_every == 0
 
     def train_step(self, step: int) -> StepResult:
         """One optimiser step over the global batch: its slices' gradients accumulated,
@@ -354,17 +407,22 @@ class Trainer:
             )
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig, final_eval: bool = True) -> Path:
     """Train a policy as ``cfg`` says; returns the run folder.
+
+    ``final_eval=False``: no closed-loop evaluation at the end of training whatever
+    ``training.eval_every`` says (the periodic ones still happen), for a caller that evaluates
+    the final policy itself (``cm-policy run``).
 
     Under ``torchrun --nproc_per_node=N`` every process calls this with the same config and they
     train one policy data-parallel; see :mod:`cm_policy.training.distributed`.
     """
+    eval_interval(cfg)  # a bad value fails before the data is loaded
     with process_group(cfg.training.device) as replica:
         run = build(cfg, replica)
         if cfg.resume:
             resume(run, cfg.resume)
-        return Trainer(run).fit()
+        return Trainer(run, final_eval=final_eval).fit()
 
 
 def run_eval(

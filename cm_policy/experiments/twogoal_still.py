@@ -6,7 +6,7 @@ wherever the block starts there. Run in the task's env from the campaign's test 
 the evaluation's own summaries (the task's outcome rule), so a method's 'between' share can be read
 against this floor.
 
-Usage: python eval/twogoal_still.py [--first 100000] [--n 500] [--steps 300]
+Usage: python -m cm_policy.experiments.twogoal_still [--first 100000] [--n 500] [--steps 300]
 """
 
 from __future__ import annotations

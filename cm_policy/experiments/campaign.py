@@ -1,8 +1,8 @@
 """Campaigns: long comparisons at equal training compute, resumable at any moment.
 
-    python eval/campaign.py eval/plans/pusht_recipe.yaml [--jobs 2] [--root DIR] [--report-only]
-    python eval/campaign.py PLAN --runs flow,regression --seeds 0   # train only these pairs now
-    python eval/campaign.py PLAN --device cuda --jobs 8 --threads 2 --n-envs 250 --results DIR
+    cm-policy campaign eval/plans/pusht_recipe.yaml [--jobs 2] [--root DIR] [--report-only]
+    cm-policy campaign PLAN --runs flow,regression --seeds 0   # train only these pairs now
+    cm-policy campaign PLAN --device cuda --jobs 8 --threads 2 --n-envs 250 --results DIR
 
 A plan (YAML) lists runs (a name, a method, training seeds, config overrides, sampler settings)
 that share a task, a dataset, common overrides and a list of marks in minutes of one-thread
@@ -25,6 +25,9 @@ recipe study's winner in the main campaign): the two are checked to be identical
 seed, test episode and mark), the other plan's caches are copied, and nothing is trained again
 (``--no-reuse`` trains it anyway, e.g. on a GPU).
 
+Relative paths in a plan (dataset, results, ``reuse``) and ``--root`` are relative to the folder
+the campaign runs from: the repository's root for the plans under ``eval/plans/``.
+
 Training state lives under ``--root`` (default ``runs/<name>``, git-ignored; weights are never
 committed); the evaluations live in ``<results>/cache/*.json``, small files meant to be committed,
 so a campaign whose run folders are lost still reports what it measured.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -56,7 +60,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+from cm_policy.checkpoint import write_text_atomic
+
 GRAIN_DEFAULT = 50  # checkpoint every this many steps; marks round to it
 
 
@@ -83,9 +88,13 @@ class Plan:
     task: str
     dataset: str | None
     common: list[str]
-    marks_min: list[float]
     runs: list[RunSpec]
     results: Path
+    # The marks, in minutes of one-thread training compute (each run's step cost turns them into
+    # its own steps) or, for an equal-steps comparison, in training steps (the same for every
+    # run): exactly one of the two.
+    marks_min: list[float] = field(default_factory=list)
+    marks_steps: list[int] = field(default_factory=list)
     episodes_per_seed: int = 250
     test_start: int = 100000
     n_envs: int = 50
@@ -105,6 +114,15 @@ class Plan:
     def __post_init__(self) -> None:
         # Fixed when the plan is read, so that a subset of its runs (--runs) keeps the test blocks.
         self.all_seeds = sorted({s for r in self.runs for s in r.seeds})
+
+    @property
+    def marks(self) -> list[float]:
+        """The marks in the plan's own unit (minutes or steps)."""
+        return self.marks_steps or self.marks_min
+
+    @property
+    def unit(self) -> str:
+        return "steps" if self.marks_steps else "min"
 
     def seed_index(self, seed: int) -> int:
         """Training seed k evaluates on the k-th block of test episodes."""
@@ -139,8 +157,14 @@ class Plan:
                 f"{path}: reference must be one of the plan's 'run sampler' entries {entries}, "
                 f"got {raw['reference']!r}"
             )
-        raw["results"] = REPO / raw.get("results", f"eval/results/{raw['name']}")
-        raw["marks_min"] = sorted(float(m) for m in raw["marks_min"])
+        raw["results"] = Path(raw.get("results", f"eval/results/{raw['name']}")).resolve()
+        if bool(raw.get("marks_min")) == bool(raw.get("marks_steps")):
+            raise SystemExit(
+                f"{path}: give the marks either in minutes of training compute (marks_min) or in "
+                "training steps (marks_steps, an equal-steps comparison), not both or neither"
+            )
+        raw["marks_min"] = sorted(float(m) for m in raw.get("marks_min", []))
+        raw["marks_steps"] = sorted(int(m) for m in raw.get("marks_steps", []))
         return Plan(runs=runs, **raw)
 
 
@@ -162,8 +186,8 @@ def run_overrides(
     plan: Plan, run: RunSpec, seed: int, run_dir: Path, setup: Setup | None = None
 ) -> list[str]:
     setup = setup or Setup()
-    # A relative dataset path is relative to the repository, wherever the campaign runs from.
-    dataset = [f"task.dataset_path={(REPO / plan.dataset).resolve()}"] if plan.dataset else []
+    # A relative dataset path is relative to where the campaign runs (the repository's root).
+    dataset = [f"task.dataset_path={Path(plan.dataset).resolve()}"] if plan.dataset else []
     return [
         f"task={plan.task}",
         f"method={run.method}",
@@ -177,7 +201,7 @@ def run_overrides(
         f"training.checkpoint_every={plan.grain}",
         # The marks' checkpoints (training.keep_steps, set by work()) and the last two stay.
         "training.keep_checkpoints=2",
-        "training.eval_every=0",
+        "training.eval_every=null",  # no evaluation inside training: the marks evaluate
     ]
 
 
@@ -188,9 +212,9 @@ def reused_source(plan: Plan, run: RunSpec) -> tuple[Plan, str, RunSpec]:
     assert run.reuse
     where = f"{plan.name}: run {run.name!r} reuse={run.reuse!r}"
     path, _, name = run.reuse.rpartition(":")
-    if not path or not (REPO / path).is_file():
-        raise SystemExit(f"{where}: expected PLAN.yaml:RUN with PLAN a file in {REPO}")
-    other = Plan.load(REPO / path)
+    if not path or not Path(path).is_file():
+        raise SystemExit(f"{where}: expected PLAN.yaml:RUN with PLAN a file in {Path.cwd()}")
+    other = Plan.load(Path(path))
     match = [r for r in other.runs if r.name == name]
     if not match:
         names = [r.name for r in other.runs]
@@ -198,7 +222,7 @@ def reused_source(plan: Plan, run: RunSpec) -> tuple[Plan, str, RunSpec]:
     source = match[0]
     problems = [
         f"{key} {getattr(plan, key)!r} there {getattr(other, key)!r}"
-        for key in ("task", "marks_min", "grain", "noise_draws", "episodes_per_seed")
+        for key in ("task", "marks_min", "marks_steps", "grain", "noise_draws", "episodes_per_seed")
         if getattr(plan, key) != getattr(other, key)
     ]
     if run.noise_sampler != source.noise_sampler:
@@ -243,7 +267,7 @@ def take_reused(
             if pending(other, source, seed, {source.name: cost}):
                 raise SystemExit(
                     f"{plan.name}: run {run.name!r} reuses {run.reuse}, whose seed {seed} is not "
-                    f"finished: run python eval/campaign.py {path} first"
+                    f"finished: run cm-policy campaign {path} first"
                 )
             cache = read_cache(cache_path(other, source, seed))
             cache["reused_from"] = f"{run.reuse} seed {seed}"
@@ -271,7 +295,7 @@ def measured_costs(plan: Plan, root: Path, runs: list[RunSpec] | None = None) ->
     cached cost over its new measurement: a ratio taken side by side, on the cached footing.
     """
     from cm_policy.configs import compose
-    from cm_policy.evaluation.measure import cached, step_costs
+    from cm_policy.experiments.measure import cached, step_costs
 
     runs = runs or plan.runs
     path = plan.results / "step_costs.json"
@@ -302,7 +326,10 @@ def measured_costs(plan: Plan, root: Path, runs: list[RunSpec] | None = None) ->
 
 
 def mark_steps(plan: Plan, cost: float) -> list[int]:
-    """The training step of each mark for a run of ``cost`` s/step, on the checkpoint grain."""
+    """The training step of each mark for a run of ``cost`` s/step, on the checkpoint grain (an
+    equal-steps plan's own steps)."""
+    if plan.marks_steps:
+        return list(plan.marks_steps)
     return [max(plan.grain, round(m * 60 / cost / plan.grain) * plan.grain) for m in plan.marks_min]
 
 
@@ -321,7 +348,6 @@ def read_cache(path: Path) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, value: Any) -> None:
-    from cm_policy.checkpoint import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(value, indent=1))
@@ -362,7 +388,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
 
     from cm_policy.checkpoint import load_policy
     from cm_policy.evaluation.machine import describe_machine
-    from cm_policy.evaluation.measure import (
+    from cm_policy.experiments.measure import (
         chunk_latency_ms,
         evaluate_entry,
         grad_stats,
@@ -393,7 +419,8 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
     if problem:
         return f"{run.name} s{seed}: {problem}"
     previous = 0
-    for minutes, step in zip(plan.marks_min, steps, strict=True):
+    for step in steps:
+        minutes = step * costs[run.name] / 60
         key, after = str(step), previous
         previous = step
         if key in cache["marks"]:
@@ -487,18 +514,18 @@ def schedule_problem(run_dir: Path, last_step: int) -> str | None:
 
 def log_axis(plan: Plan) -> bool:
     """Marks spanning a factor of 4 or more (e.g. doubling ones) are plotted on a log axis."""
-    return plan.marks_min[-1] >= 4 * plan.marks_min[0]
+    return plan.marks[-1] >= 4 * plan.marks[0]
 
 
 def pooled_entry(entries: list[dict]) -> dict:
-    from cm_policy.evaluation.measure import pooled
+    from cm_policy.experiments.measure import pooled
 
     return pooled(entries)
 
 
 def pooled_rate(entries: list[dict], key: str) -> str:
     """A share of all episodes pooled over seeds, with its Wilson interval, as table text."""
-    from cm_policy.evaluation.runner import wilson_interval
+    from cm_policy.stats import wilson_interval
 
     n = sum(e["n_episodes"] for e in entries)
     rate = sum(e[key] * e["n_episodes"] for e in entries) / n
@@ -509,7 +536,7 @@ def pooled_rate(entries: list[dict], key: str) -> str:
 def pooled_balance(entries: list[dict], first: str, second: str) -> str:
     """The share of ``first`` among the episodes counted by ``first`` or ``second`` (two
     exclusive outcomes, e.g. the two goals), pooled over seeds, with its Wilson interval."""
-    from cm_policy.evaluation.runner import wilson_interval
+    from cm_policy.stats import wilson_interval
 
     a = sum(e[first] * e["n_episodes"] for e in entries)
     b = sum(e[second] * e["n_episodes"] for e in entries)
@@ -570,7 +597,7 @@ def against_reference(
         "otherwise. The intervals count test episodes only: the last column shows each training "
         "seed's own score, the spread that 2 seeds cannot bound.",
         "",
-        "| entry | minutes | seeds done (entry; reference) | mean_score difference "
+        f"| entry | mark ({plan.unit}) | seeds done (entry; reference) | mean_score difference "
         "| success difference | score, success | seeds' scores (entry; reference) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -578,46 +605,170 @@ def against_reference(
     for name in names:
         if name == ref:
             continue
-        for minutes in plan.marks_min:
-            if (name, minutes) not in pools or (ref, minutes) not in pools:
+        for mark in plan.marks:
+            if (name, mark) not in pools or (ref, mark) not in pools:
                 continue
-            entries, n_seeds, pooled = pools[name, minutes]
-            reference, n_ref, ref_pooled = pools[ref, minutes]
+            entries, n_seeds, pooled = pools[name, mark]
+            reference, n_ref, ref_pooled = pools[ref, mark]
             ds, hs, dp, (lp, hp) = difference(pooled, ref_pooled)
             seeds = ", ".join(f"{e['mean_score']:.3f}" for e in entries)
             ref_seeds = ", ".join(f"{e['mean_score']:.3f}" for e in reference)
             lines.append(
-                f"| {name} | {minutes:g} | {len(entries)}/{n_seeds}; {len(reference)}/{n_ref} | "
+                f"| {name} | {mark:g} | {len(entries)}/{n_seeds}; {len(reference)}/{n_ref} | "
                 f"{ds:+.3f} +- {hs:.3f} | {dp:+.3f} [{lp:+.3f}, {hp:+.3f}] | "
                 f"{reading(ds - hs, ds + hs)}, {reading(lp, hp)} | {seeds}; {ref_seeds} |"
             )
     return lines
 
 
-def write_report(
-    plan: Plan, costs: dict[str, float], command: str, notes: list[str] | None = None
-) -> Path:
-    """``<results>/<name>.md`` and ``<name>.png`` from the cached evaluations."""
+def changes_between_marks(
+    plan: Plan, pools: dict[tuple[str, float], tuple[list[dict], int, dict]]
+) -> list[str]:
+    """Report lines: each entry's change from one mark to the next, with the difference's 95%
+    interval, read as rising / falling / flat (flat: the interval of the change holds 0)."""
+    lines = [
+        "",
+        "## From one mark to the next",
+        "",
+        "Each entry at a mark minus the same entry at the mark before, pooled over the seeds that "
+        "have both: the change of mean_score +- its 95% interval and of the success rate with "
+        "Newcombe's interval. A curve is read as **flat** at a mark when the interval of its "
+        "mean_score change holds 0, **rising** / **falling** when it lies above / below 0; the "
+        "success change is read the same way. Seeds disagree more than episodes do: a flat "
+        "reading says the episodes cannot tell the two marks apart, not that training is over.",
+        "",
+        f"| entry | from -> to ({plan.unit}) | mean_score change | success change | reading "
+        "(score, success) |",
+        "|---|---|---|---|---|",
+    ]
+    names = list(dict.fromkeys(name for name, _ in pools))
+    word = {"above": "rising", "below": "falling", "level": "flat"}
+    for name in names:
+        for before, after in itertools.pairwise(plan.marks):
+            if (name, before) not in pools or (name, after) not in pools:
+                continue
+            entries_a, _, pooled_a = pools[name, after]
+            entries_b, _, pooled_b = pools[name, before]
+            if len(entries_a) != len(entries_b):
+                continue
+            ds, hs, dp, (lp, hp) = difference(pooled_a, pooled_b)
+            lines.append(
+                f"| {name} | {before:g} -> {after:g} | {ds:+.3f} +- {hs:.3f} | "
+                f"{dp:+.3f} [{lp:+.3f}, {hp:+.3f}] | "
+                f"{word[reading(ds - hs, ds + hs)]}, {word[reading(lp, hp)]} |"
+            )
+    return lines
+
+
+def stability_lines(plan: Plan, caches: dict, costs: dict[str, float]) -> list[str]:
+    """Report lines: the gradient statistics and raw loss terms of each interval between marks,
+    per run and seed, so that a change in score shows beside what training did meanwhile."""
+    rows = []
+    for r in plan.runs:
+        for seed in r.seeds:
+            for step in mark_steps(plan, costs[r.name]):
+                train = caches[r.name, seed]["marks"].get(str(step), {}).get("train")
+                if not train or not train.get("logged_steps"):
+                    continue
+                a, b = train["steps"]
+                terms = ", ".join(
+                    f"{k} {v['mean']:.4g} ({v['last_tenth']:.4g})"
+                    for k, v in train.get("loss", {}).items()
+                )
+                rows.append(
+                    f"| {r.name} | {seed} | {a}-{b} | {train['grad_median']:.3g} | "
+                    f"{train['grad_p99']:.3g} | {train['grad_max']:.3g} | "
+                    f"{train['nonfinite_steps']} | {train.get('lr_last', math.nan):.2g} | {terms} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Training between marks",
+        "",
+        "Over the training steps of each interval between marks (from the run's log, every "
+        "step): the total gradient norm before clipping (median, 99th percentile, max), the steps "
+        "whose gradient had non-finite entries (zeroed), the learning rate at the interval's end, "
+        "and each raw loss term (before any adaptive weight): its mean over the interval and, in "
+        "brackets, over the interval's last tenth.",
+        "",
+        "| run | seed | steps | grad median | grad p99 | grad max | non-finite steps | lr "
+        "| loss terms: mean (last tenth) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
+    """Score and success against training compute and against training steps: the pooled line
+    with its 95% band and each seed's own points (open markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.4), squeeze=False)
+    for i, (name, pts) in enumerate(sorted(curves.items())):
+        pts = sorted(pts, key=lambda q: q["step"])
+        color = f"C{i % 10}"
+        for col, x_key in enumerate(("minutes", "step")):
+            x = np.array([q[x_key] for q in pts])
+            for row, (y_key, band) in enumerate((("score", "score_band"), ("success", "ci"))):
+                ax = axes[row][col]
+                y = np.array([q[y_key] for q in pts])
+                lo = np.array([q[band][0] for q in pts])
+                hi = np.array([q[band][1] for q in pts])
+                ax.plot(x, y, "o-", color=color, label=name if row == col == 0 else None)
+                ax.fill_between(x, lo, hi, color=color, alpha=0.12)
+                seed_x = [q[x_key] for q in pts for _ in q["seeds"]]
+                seed_y = [v[row] for q in pts for v in q["seeds"]]
+                ax.plot(seed_x, seed_y, "o", mfc="none", color=color, ms=5, alpha=0.7)
+    for row, title in enumerate(("mean_score", "success rate")):
+        for col, xlabel in enumerate(
+            ("training compute (minutes of one CPU thread)", "training steps")
+        ):
+            ax = axes[row][col]
+            ax.set_xlabel(xlabel)
+            if log_axis(plan):
+                ax.set_xscale("log", base=2)
+                if (col == 0) == (plan.unit == "min"):
+                    ax.set_xticks(plan.marks, [f"{m:g}" for m in plan.marks])
+                    ax.minorticks_off()
+            ax.set_title(f"{title}: pooled (line, 95% band) and each seed (open)")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    plan: Plan, costs: dict[str, float], command: str, notes: list[str] | None = None
+) -> Path:
+    """``<results>/<name>.md`` and ``<name>.png`` from the cached evaluations."""
     from cm_policy.evaluation.machine import describe_machine
 
     caches = {(r.name, s): read_cache(cache_path(plan, r, s)) for r in plan.runs for s in r.seeds}
     rate_head, rate_rule = rate_headers(plan)
     machines = sorted({m for c in caches.values() for m in c.get("machines", [])})
+    axis = (
+        "training steps, the same for every run (an equal-steps comparison); the compute "
+        "panel turns them into minutes of one-thread CPU training by each run's step cost"
+        if plan.unit == "steps"
+        else "minutes of one-thread CPU training = steps x the run's step cost measured side by "
+        "side in one process (table below), so pauses, load and the device do not move it; the "
+        "plot shows the same marks against training steps too"
+    )
     lines = [
-        f"# Campaign `{plan.name}`: {plan.task}, equal training compute",
+        f"# Campaign `{plan.name}`: {plan.task}, equal training "
+        + ("steps" if plan.unit == "steps" else "compute"),
         "",
         f"Command: `{command}`.",
         "",
         f"Report written on: {describe_machine()}. Measured on: "
         + ("; ".join(f"{m}" for m in machines) or "nothing yet")
-        + ". x-axis: minutes of one-thread CPU training = steps x the"
-        " run's step cost measured side by side in one process (table below), so pauses, load"
-        " and the device do not move it"
+        + f". Marks: {axis}"
         + (" (on a log scale in the plot)" if log_axis(plan) else "")
         + ". Each mark evaluates the EMA weights on "
         f"{plan.episodes_per_seed} test episodes per training seed (from {plan.test_start}, "
@@ -637,23 +788,26 @@ def write_report(
         )
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
+    unit_head = "minutes" if plan.unit == "min" else "steps"
     lines += [
         "",
         "## Score at each mark",
         "",
-        "| run | sampler | minutes | seeds done | episodes | mean_score | success "
-        + rate_head
-        + "|",
-        "|---|---|---|---|---|---|---|" + rate_rule,
+        "Each training seed's own mean_score / success rate in the last columns but one: two "
+        "seeds can differ by more than the episode interval says.",
+        "",
+        f"| run | sampler | {unit_head} | seeds done | episodes | mean_score | success "
+        "| each seed: score / success " + rate_head + "|",
+        "|---|---|---|---|---|---|---|---|" + rate_rule,
     ]
-    curves: dict[str, list[tuple[float, float, float, float, float, float]]] = {}
+    curves: dict[str, list[dict]] = {}
     grid: dict[str, dict[float, str]] = {}
-    # (entry, minutes) -> the seeds' evaluations, the number of seeds, and their pooled figures
+    # (entry, mark) -> the seeds' evaluations, the number of seeds, and their pooled figures
     pools: dict[tuple[str, float], tuple[list[dict], int, dict]] = {}
     for r in plan.runs:
         steps = mark_steps(plan, costs[r.name])
         for label in samplers_of(r):
-            for minutes, step in zip(plan.marks_min, steps, strict=True):
+            for mark, step in zip(plan.marks, steps, strict=True):
                 entries = [
                     caches[r.name, s]["marks"][str(step)]["entries"][label]
                     for s in r.seeds
@@ -662,39 +816,55 @@ def write_report(
                 if not entries:
                     continue
                 p = pooled_entry(entries)
-                pools[f"{r.name} {label}", minutes] = (entries, len(r.seeds), p)
+                pools[f"{r.name} {label}", mark] = (entries, len(r.seeds), p)
                 lo, hi = p["success_ci"]
                 rates = task_rates(plan, entries)
+                each = ", ".join(
+                    f"{e['mean_score']:.3f} / {e['success_rate']:.2f}" for e in entries
+                )
                 lines.append(
-                    f"| {r.name} | {label} | {minutes:g} | {len(entries)}/{len(r.seeds)} | "
+                    f"| {r.name} | {label} | {mark:g} | {len(entries)}/{len(r.seeds)} | "
                     f"{p['n']} | {p['score']:.3f} +- {p['score_half']:.3f} | "
-                    f"{p['success']:.3f} [{lo:.3f}, {hi:.3f}] |{rates}"
+                    f"{p['success']:.3f} [{lo:.3f}, {hi:.3f}] | {each} |{rates}"
                 )
                 if len(entries) == len(r.seeds):
                     curves.setdefault(f"{r.name} {label}", []).append(
-                        (minutes, p["score"], p["score_half"], p["success"], lo, hi)
+                        {
+                            "minutes": step * costs[r.name] / 60,
+                            "step": step,
+                            "score": p["score"],
+                            "score_band": (
+                                p["score"] - p["score_half"],
+                                p["score"] + p["score_half"],
+                            ),
+                            "success": p["success"],
+                            "ci": (lo, hi),
+                            "seeds": [(e["mean_score"], e["success_rate"]) for e in entries],
+                        }
                     )
                 cell = f"{p['score']:.3f} +- {p['score_half']:.3f} / {p['success']:.2f}"
                 if len(entries) < len(r.seeds):
                     cell += f" ({len(entries)}/{len(r.seeds)} seeds)"
-                grid.setdefault(f"{r.name} {label}", {})[minutes] = cell
+                grid.setdefault(f"{r.name} {label}", {})[mark] = cell
     if grid:
         lines += [
             "",
-            "## At equal training compute",
+            "## At equal training " + ("steps" if plan.unit == "steps" else "compute"),
             "",
             "mean_score +- 95% / success rate, pooled over the training seeds, at each mark "
-            "(minutes of one-thread training; the intervals are in the table above).",
+            + ("(training steps; " if plan.unit == "steps" else "(minutes of one-thread training; ")
+            + "the intervals are in the table above).",
             "",
-            "| run sampler | " + " | ".join(f"{m:g} min" for m in plan.marks_min) + " |",
-            "|---|" + "---|" * len(plan.marks_min),
+            "| run sampler | " + " | ".join(f"{m:g} {plan.unit}" for m in plan.marks) + " |",
+            "|---|" + "---|" * len(plan.marks),
         ]
         for name, row in grid.items():
-            lines.append(
-                f"| {name} | " + " | ".join(row.get(m, "-") for m in plan.marks_min) + " |"
-            )
+            lines.append(f"| {name} | " + " | ".join(row.get(m, "-") for m in plan.marks) + " |")
+    if len(plan.marks) > 1 and pools:
+        lines += changes_between_marks(plan, pools)
     if plan.reference:
         lines += against_reference(plan, pools)
+    lines += stability_lines(plan, caches, costs)
     finals = [(r, s, caches[r.name, s].get("final")) for r in plan.runs for s in r.seeds]
     finals = [(r, s, f) for r, s, f in finals if f]
     if finals:
@@ -706,12 +876,13 @@ def write_report(
             "names another) with the initial noise set to zero, and the "
             f"chunk averaged over {plan.noise_draws} draws, beside random noise (the row above)."
             " A policy whose score does not move acts as a regressor. Latency: median "
-            "`predict_action` at batch 1 on the measuring job's threads and device (see above).",
+            "`predict_action` at batch 1 on the measuring job's threads and device (see above). "
+            "Gradients: over the whole run.",
             "",
-            "| run | seed | diagnosed sampler | zero noise: score / success "
+            "| run | seed | step | diagnosed sampler | zero noise: score / success "
             "| mean of K: score / success | latency (ms) | grad median | grad p99 "
             "| non-finite steps |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r, s, f in finals:
             noise = f["noise"]
@@ -724,8 +895,9 @@ def write_report(
             latency = ", ".join(f"{k}: {v:.1f}" for k, v in f["latency_ms"].items())
             t = f["train"]
             lines.append(
-                f"| {r.name} | {s} | {f['headline']} | {cells[0]} | {cells[1]} | {latency} | "
-                f"{t['grad_median']:.3g} | {t['grad_p99']:.3g} | {t['nonfinite_steps']} |"
+                f"| {r.name} | {s} | {f.get('step', '-')} | {f['headline']} | {cells[0]} | "
+                f"{cells[1]} | {latency} | {t['grad_median']:.3g} | {t['grad_p99']:.3g} | "
+                f"{t['nonfinite_steps']} |"
             )
     noisy = [(r, s, f) for r, s, f in finals if f["noise"]]
     if noisy and (plan.rate_metrics or plan.balance):
@@ -744,38 +916,24 @@ def write_report(
                 )
     stem = plan.results / plan.name
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        for i, (name, pts) in enumerate(sorted(curves.items())):
-            x, y, half, succ, lo, hi = (np.array(v) for v in zip(*sorted(pts), strict=True))
-            color = f"C{i % 10}"
-            axes[0].plot(x, y, "o-", color=color, label=name)
-            axes[0].fill_between(x, y - half, y + half, color=color, alpha=0.15)
-            axes[1].plot(x, succ, "o-", color=color, label=name)
-            axes[1].fill_between(x, lo, hi, color=color, alpha=0.15)
-        for ax, title in zip(axes, ("mean_score", "success rate"), strict=True):
-            ax.set_xlabel("training compute (minutes of one thread)")
-            if log_axis(plan):
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(plan.marks_min, [f"{m:g}" for m in plan.marks_min])
-                ax.minorticks_off()
-            ax.set_title(f"{title} (95% band)")
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"), dpi=110)
-        plt.close(fig)
-        lines += ["", f"![score vs training compute]({plan.name}.png)"]
+        plot_curves(plan, curves, stem)
+        lines += [
+            "",
+            f"![score and success against training compute and steps]({plan.name}.png)",
+        ]
     if plan.notes:
         lines += ["", "## What the numbers show", "", plan.notes.strip()]
     path = stem.with_suffix(".md")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``cm-policy campaign PLAN [options]`` (``argv``: the arguments after ``campaign``)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="cm-policy campaign",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("plan", type=Path)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
@@ -806,10 +964,10 @@ def main() -> None:
     parser.add_argument(
         "--no-reuse", action="store_true", help="train runs that name reuse=... here as well"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     plan = Plan.load(args.plan)
     every_run = plan.runs  # step costs are measured for all of them, whatever --runs trains
-    command = f"python eval/campaign.py {args.plan}"
+    command = f"cm-policy campaign {args.plan}"
     if args.runs:
         names = args.runs.split(",")
         unknown = sorted(set(names) - {r.name for r in plan.runs})
@@ -839,7 +997,7 @@ def main() -> None:
     if args.dataset:
         plan.dataset = str(Path(args.dataset).resolve())
     setup = Setup(args.jobs, args.threads, args.device, args.n_envs)
-    root = args.root or REPO / "runs" / plan.name
+    root = (args.root or Path("runs") / plan.name).resolve()
     root.mkdir(parents=True, exist_ok=True)
     costs = measured_costs(plan, root, every_run)
     if args.costs_only:  # e.g. to choose a network size that the machine carries

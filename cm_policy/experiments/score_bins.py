@@ -10,7 +10,8 @@ starts from the goal's angle (the reference's initial state for each episode's s
 whether the lost episodes are the ones that need the T turned.
 
 Usage:
-  python eval/score_bins.py RUNS/tiny_s0/eval RUNS/mid_s0/eval --out eval/results/x/score_bins
+  python -m cm_policy.experiments.score_bins RUNS/tiny_s0/eval RUNS/mid_s0/eval \
+      --out eval/results/x/score_bins
       [--pusht-angle]
   (each argument is an evaluation folder or a folder of them, e.g. a campaign run's eval/;
    writes OUT.md and OUT.png)
@@ -130,7 +131,7 @@ def main() -> None:
     lines = [
         "# Where the score is lost",
         "",
-        "Command: `python eval/score_bins.py "
+        "Command: `python -m cm_policy.experiments.score_bins "
         + " ".join(args.paths)
         + f" --out {args.out}{' --pusht-angle' if args.pusht_angle else ''}`.",
         "",

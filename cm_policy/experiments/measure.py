@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cm_policy.checkpoint import write_text_atomic
-from cm_policy.evaluation.runner import wilson_interval
+from cm_policy.stats import wilson_interval
 
 # A training run's step costs more than step_costs' bare steps (batches drawn on the fly, EMA
 # update, a log line every step, checkpoints): the factor that plans with step costs use.

@@ -15,7 +15,8 @@ and over the states where at least two draws reached a goal: the share of them t
 RESULTS/modes/; the table goes to RESULTS/modes.md and the figure (one row per entry, one stacked
 bar of outcomes per state) to RESULTS/modes.png.
 
-Usage: python eval/twogoal_modes.py eval/plans/pusht_twogoal.yaml --root runs/pusht_twogoal
+Usage:
+    python -m cm_policy.experiments.twogoal_modes eval/plans/pusht_twogoal.yaml --root RUNS
        [--states 30] [--draws 16] [--entries "isd 1,flow 16"] [--seeds 0] [--report-only]
 """
 
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from campaign import REPO, Plan, RunSpec, mark_steps, samplers_of
+
+from cm_policy.experiments.campaign import Plan, RunSpec, mark_steps, samplers_of
 
 OUTCOMES = ("A", "B", "between", "none")
 COLORS = {"A": "tab:blue", "B": "tab:orange", "between": "tab:red", "none": "0.8"}
@@ -60,7 +62,7 @@ def state_counts(episodes: Sequence[dict[str, Any]]) -> dict[int, dict[str, int]
 def summarize_modes(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Success, mode balance and the per-state split of ``episodes`` (dicts with ``seed``,
     ``ended`` in :data:`OUTCOMES`, ``success``, ``max_reward``)."""
-    from cm_policy.evaluation.runner import wilson_interval
+    from cm_policy.stats import wilson_interval
 
     if not episodes:
         raise ValueError("no episodes to summarize")
@@ -172,7 +174,8 @@ def report(plan: Plan, folder: Path) -> None:
     lines = [
         f"# `{plan.name}`: does the noise choose the goal?",
         "",
-        f"Command: `python eval/twogoal_modes.py eval/plans/{plan.name}.yaml --root RUNS`. "
+        "Command: `python -m cm_policy.experiments.twogoal_modes "
+        f"eval/plans/{plan.name}.yaml --root RUNS`. "
         f"{note[0].upper()}{note[1:]}. Each entry: the run's checkpoint at the plan's last mark "
         "(EMA weights), its sampler with random initial noise, every initial state run once per "
         "draw with its own noise (the env and its physics are the same in every draw).",
@@ -278,7 +281,7 @@ def main() -> None:
                     }
                     write_text_atomic(path, json.dumps(record, indent=1))
     report(plan, folder)
-    print(f"wrote {(folder.parent / 'modes.md').relative_to(REPO)}")
+    print(f"wrote {folder.parent / 'modes.md'}")
 
 
 if __name__ == "__main__":
