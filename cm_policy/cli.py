@@ -3,7 +3,10 @@
 ``train``, ``run``, ``eval`` and ``serve`` compose the same Hydra configs (``config/``):
 ``cm-policy eval key=value`` overrides ``config/eval/default.yaml`` and ``cm-policy serve
 key=value`` overrides ``config/serve/default.yaml``, the groups that ``config.yaml`` includes as
-``eval`` and ``serve``. ``data`` dispatches to the task modules' generators and converters.
+``eval`` and ``serve``. ``data generate TASK key=value`` and ``data convert SOURCE IN ... OUT
+key=value`` override ``config/generate/TASK.yaml`` and ``config/convert/SOURCE.yaml`` (composed
+alone: only the data commands use them) and call the task module's generator or the format's (or
+task's) converter with the result.
 """
 
 from __future__ import annotations
@@ -11,41 +14,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cm_policy.configs import compose
+from cm_policy.configs import compose, config_dir
 
+# The help of ``cm-policy``: usage() fills in {generate} and {convert} (every generator and
+# converter with its keys and their defaults) and {GROUP.KEY} (that key's default in
+# config/GROUP/default.yaml) from the configs, so that no default is written here.
 USAGE = """cm-policy [--debug] <command> [key=value ...]
+
+Every key=value is a Hydra override of the command's config (config/ in a checkout, the wheel's
+cm_policy/_config when installed); the defaults shown are read from those files.
 
 commands:
   data info PATH                      keys, shapes, episodes and length statistics of a dataset
-  data generate TASK [key=value ...]  demonstrations from a task's generator, e.g.
-       pusht [n=100 out=data/pusht_generated.zarr seed=0 workers=2 images=true]
-                                      plan PushT demonstrations offline (keeps successful ones)
-       robomimic task=lift|can|square [n=200 out=data/robomimic_<task>.hdf5 seed=0
-       images=false recovery=0 recovery_kind=push]
-                                      scripted-expert demos in robomimic's HDF5 layout (+ .zarr);
-                                      recovery=F: that fraction starts from a disturbed state
-                                      (push: gripper pushed off course; regrasp: a missed grasp)
-  data convert TASK IN [IN2 ...] OUT [key=value ...]
-       robomimic IN.hdf5 ... OUT.zarr [abs_action=false image=false filter_key=NAME]
-                                      robomimic HDF5 datasets (one task) as one zarr buffer
-       lerobot SRC [SRC2 ...] OUT.zarr [keys=a,b resize=H,W overwrite=false]
-                                      local LeRobotDatasets (v3.0, v2.1) as one zarr buffer
+  data generate TASK [key=value ...]  demonstrations from a task's generator, with the keys of
+                                      config/generate/TASK.yaml (their defaults below;
+                                      cm-policy data generate TASK -h explains them):
+{generate}
+  data convert SOURCE IN [IN2 ...] OUT [key=value ...]
+                                      recorded datasets as one zarr buffer, with the keys of
+                                      config/convert/SOURCE.yaml (their defaults below;
+                                      cm-policy data convert SOURCE -h explains them):
+{convert}
   train [task=... method=... model=... key=value ...]
                                       train a policy (Hydra overrides of config/config.yaml);
                                       data-parallel under torchrun --nproc_per_node=N
-  eval checkpoint=PATH [steps=N sampler=KIND noise=random|zero|mean:K n_episodes=50
-       start_seed=100000 n_envs=2 n_videos=4 max_steps=N n_action_steps=N device=auto
-       output_dir=DIR]                closed-loop evaluation of a checkpoint (config/eval)
+  eval checkpoint=PATH [steps=N sampler=KIND noise=random|zero|mean:K n_episodes={eval.n_episodes}
+       start_seed={eval.start_seed} n_envs=N n_videos={eval.n_videos} max_steps=N
+       n_action_steps=N device={eval.device} output_dir=DIR]
+                                      closed-loop evaluation of a checkpoint (config/eval);
+                                      unset, steps and sampler are the method's default, n_envs
+                                      and max_steps the task's, n_action_steps the policy's
   run [key=value ...]                 the end-to-end job: demos -> train -> eval -> report
-  serve checkpoint=PATH | model=FILE.onnx [backend=auto host=127.0.0.1 port=8765 max_batch=64
-       batch_wait_ms=2 threads=1 max_infer_steps=100]
+  serve checkpoint=PATH | model=FILE.onnx [backend={serve.backend} host={serve.host}
+       port={serve.port} max_batch={serve.max_batch} batch_wait_ms={serve.batch_wait_ms}
+       threads={serve.threads} max_infer_steps={serve.max_infer_steps}]
                                       serve a checkpoint (torch) or an exported model (ONNX
                                       Runtime, no torch) as a WebSocket action server
                                       (config/serve)
@@ -53,8 +64,9 @@ commands:
                                       a comparison plan (eval/plans/*.yaml) at equal training
                                       compute: trains every run to each mark, resumable,
                                       evaluates, writes the report (cm-policy campaign -h)
-  export checkpoint=PATH out=FILE.onnx [weights=ema steps=N sampler=KIND opset=18
-       exporter=auto]                 the whole predict_action (headline sampler) as one ONNX
+  export checkpoint=PATH out=FILE.onnx [weights={export.weights} steps=N sampler=KIND
+       opset={export.opset} exporter={export.exporter}]
+                                      the whole predict_action (headline sampler) as one ONNX
                                       graph with its spec in the metadata (config/export)
 """
 
@@ -63,55 +75,256 @@ class UsageError(ValueError):
     """A command line that cannot be run as given (reported in one line, exit status 2)."""
 
 
-def parse_pairs(args: Sequence[str], options: Mapping[str, tuple[type, Any]]) -> dict[str, Any]:
-    """``key=value`` arguments of a task's generator or converter, typed, defaults filled in."""
-    out = {key: default for key, (_, default) in options.items()}
+# --- cm-policy data: config/generate/<task>.yaml and config/convert/<source>.yaml ---------------
+DATA_COMMANDS = {"generate": "TASK", "convert": "SOURCE"}
+HELP_FLAGS = ("-h", "--help")
+
+
+def data_names(command: str) -> list[str]:
+    """The tasks (``generate``) or sources (``convert``) that have a config in that group."""
+    return sorted(path.stem for path in (config_dir() / command).glob("*.yaml"))
+
+
+def check_name(command: str, name: str) -> None:
+    names = data_names(command)
+    if name not in names:
+        raise UsageError(
+            f"no data {command} for {name!r}: {DATA_COMMANDS[command]} in {names} "
+            f"(config/{command}/*.yaml)"
+        )
+
+
+def compose_data(command: str, name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``config/<command>/<name>.yaml`` with Hydra overrides of its keys, not resolved (a
+    required key, ``???``, may still be missing)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        # A config in the group's folder is composed under the group's name (its package).
+        cfg = hydra_compose(
+            config_name=f"{command}/{name}", overrides=[f"{command}.{o}" for o in overrides]
+        )
+    return cfg[command]
+
+
+def hydra_override(key: str, value: str) -> str:
+    """``key=value`` as a Hydra override; a bare comma list (``keys=a,b``, ``resize=96,96``),
+    which Hydra would read as a sweep, is one string, as the data commands always took it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    line = f"{key}={value}"
+    if OverridesParser.create().parse_override(line).value_type != ValueType.SIMPLE_CHOICE_SWEEP:
+        return line
+    quote = next((q for q in ("'", '"') if q not in value), None)
+    if quote is None:
+        raise UsageError(f"{line}: quote the value (Hydra's syntax: key='a,b')")
+    return f"{key}={quote}{value}{quote}"
+
+
+def shown(value: Any) -> str:
+    """A config value as a command line writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def typed(key: str, default: Any, value: Any, where: str) -> Any:
+    """``value`` of the type of its ``default`` (the YAML's own value, unresolved: a null, a
+    required ``???`` or an interpolation is a string; only a null default takes null)."""
+    kind = str if default is None else type(default)
+    if value is None and default is None:
+        return None
+    if kind is bool and value in (0, 1) and not isinstance(value, float):
+        value = bool(value)  # images=1 as images=true
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif kind is str and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)  # out=2024, which Hydra reads as a number
+    if type(value) is not kind:
+        expected = KINDS.get(kind, kind.__name__)
+        default_is = f"as its default {shown(default)}" if default is not None else "or null"
+        raise UsageError(f"{key}={shown(value)}: expected {expected}, {default_is} in {where}")
+    return value
+
+
+def data_options(
+    command: str, name: str, args: Sequence[str] = (), values: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The options of ``cm-policy data <command> <name>``: ``config/<command>/<name>.yaml`` with
+    the ``key=value`` ``args`` as Hydra overrides, then ``values`` set, resolved; each key one of
+    the YAML's and each value of its default's type."""
+    check_name(command, name)
+    where = f"config/{command}/{name}.yaml"
+    defaults = OmegaConf.to_container(compose_data(command, name), resolve=False)
+    assert isinstance(defaults, dict)
+
+    def known(key: str) -> str:
+        if key not in defaults:
+            raise UsageError(
+                f"unknown key {key!r} for cm-policy data {command} {name}; its keys: "
+                f"{', '.join(defaults)} ({where}; cm-policy data {command} {name} -h)"
+            )
+        return key
+
+    overrides = []
     for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in options:
-            raise UsageError(f"expected key=value with key in {sorted(options)}, got {arg!r}")
-        kind = options[key][0]
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise UsageError(f"{key} must be true or false, got {value!r}")
-            out[key] = value.lower() in ("true", "1")
+        key, _, value = arg.partition("=")
+        overrides.append(hydra_override(known(key), value))
+    cfg = compose_data(command, name, overrides)
+    for key, value in (values or {}).items():
+        cfg[known(key)] = value
+    missing = [key for key in defaults if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise UsageError(
+            f"cm-policy data {command} {name} needs {' '.join(f'{k}=...' for k in missing)} "
+            f"(no default in {where}; cm-policy data {command} {name} -h)"
+        )
+    opts = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(opts, dict)
+    return {key: typed(key, defaults[key], opts[key], where) for key in defaults}
+
+
+def yaml_notes(path: Path) -> tuple[list[str], dict[str, str]]:
+    """A config's leading comment lines and the comment of each top-level key (with its
+    continuation lines), those of the configs its defaults list names first."""
+    notes: dict[str, str] = {}
+    for parent in OmegaConf.load(path).get("defaults") or []:
+        parent_path = path.parent / f"{parent}.yaml"
+        if isinstance(parent, str) and parent_path.is_file():
+            notes.update(yaml_notes(parent_path)[1])
+    lines = path.read_text().splitlines()
+    header = []
+    while lines and lines[0].startswith("#"):
+        header.append(lines.pop(0).lstrip("#").strip())
+    key = None
+    for line in lines:
+        entry = re.match(r"(\w+):[^#]*(?:#\s?(.*))?$", line)
+        continued = re.match(r"\s+#\s?(.*)$", line)
+        if entry:
+            key = entry[1]
+            if entry[2]:
+                notes[key] = entry[2].strip()
+        elif continued and key in notes:
+            notes[key] += " " + continued[1].strip()
         else:
-            try:
-                out[key] = kind(value)
-            except ValueError:
-                raise UsageError(f"{key} must be {kind.__name__}, got {value!r}") from None
-    return out
+            key = None
+    return header, notes
+
+
+def data_help(command: str, names: Sequence[str]) -> str:
+    """What ``cm-policy data <command> [NAME] -h`` prints: each config's comment, its keys, their
+    defaults (read from the config) and their comments."""
+    parts = []
+    for name in names:
+        path = config_dir() / command / f"{name}.yaml"
+        defaults = OmegaConf.to_container(compose_data(command, name), resolve=False)
+        assert isinstance(defaults, dict)
+        header, notes = yaml_notes(path)
+        lines = [f"cm-policy data {command} {name}: {path}", *(f"  {h}" for h in header)]
+        lines += [
+            "  keys and their defaults (key=value sets one, in Hydra's syntax; a key whose default",
+            "  is null takes a string; ??? is no default):",
+        ]
+        for key, value in defaults.items():
+            pair = f"{key}={shown(value)}"
+            note = textwrap.wrap(notes.get(key, ""), 100 - 36) or [""]
+            if len(pair) >= 32:
+                lines.append(f"    {pair}")
+                pair = ""
+            for text in note:
+                lines.append(f"    {pair:<32}{text}".rstrip())
+                pair = ""
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def data_usage(command: str) -> str:
+    """Each of the group's configs as ``NAME [key=default ...]`` for :data:`USAGE`."""
+    lines = []
+    for name in data_names(command):
+        defaults = OmegaConf.to_container(compose_data(command, name), resolve=False)
+        assert isinstance(defaults, dict)
+        pairs = " ".join(f"{key}={shown(value)}" for key, value in defaults.items())
+        lines += textwrap.wrap(
+            f"{name} [{pairs}]", 100, initial_indent=" " * 7, subsequent_indent=" " * 9
+        )
+    return "\n".join(lines)
+
+
+def usage() -> str:
+    """:data:`USAGE` with the defaults read from the configs."""
+    groups: dict[str, Any] = {}
+
+    def fill(match: re.Match) -> str:
+        group, key = match[1], match[2]
+        if key is None:
+            return data_usage(group)
+        if group not in groups:
+            groups[group] = OmegaConf.load(config_dir() / group / "default.yaml")
+        return shown(groups[group][key])
+
+    return re.sub(r"\{(generate|convert|eval|serve|export)(?:\.(\w+))?\}", fill, USAGE)
+
+
+class LazyUsage:
+    """argparse's ``usage``: :func:`usage` (which composes the data configs, a fraction of a
+    second) made only when argparse shows it, which formats it as ``usage % {"prog": ...}``."""
+
+    def __mod__(self, _: Mapping[str, str]) -> str:
+        return usage()
 
 
 def cmd_data(args: list[str]) -> None:
-    from cm_policy.data.formats import data_formats
-    from cm_policy.tasks import task_type, task_types
-
     if args[:1] == ["info"] and len(args) == 2:
         from cm_policy.data.replay_buffer import describe
 
         print(describe(args[1]))
         return
-    sources = sorted({*data_formats(), *(n for n, t in task_types().items() if t.convert_options)})
-    usage = (
+    synopsis = (
         "usage: cm-policy data info PATH | cm-policy data generate TASK [k=v ...] | "
         "cm-policy data convert SOURCE IN [IN2 ...] OUT [k=v ...]; "
-        f"TASK in {sorted(task_types())}, SOURCE in {sources}"
+        f"TASK in {data_names('generate')}, SOURCE in {data_names('convert')}; "
+        "cm-policy data generate [TASK] -h or data convert [SOURCE] -h: the keys and defaults"
     )
-    if len(args) < 2 or args[0] not in ("generate", "convert"):
-        raise UsageError(usage)
-    pairs = [a for a in args[2:] if "=" in a]
-    paths = [a for a in args[2:] if "=" not in a]
-    if args[0] == "generate" and not paths:
-        task = task_type(args[1])
-        task.generate(parse_pairs(pairs, task.generate_options))
+    if args[:1] and args[0] in HELP_FLAGS:
+        print(synopsis.removeprefix("usage: ").replace("; ", "\n"))
         return
-    if args[0] == "convert" and len(paths) >= 2:
-        source = data_formats().get(args[1]) or task_type(args[1])
-        stats = source.convert(paths[:-1], paths[-1], parse_pairs(pairs, source.convert_options))
-        print(json.dumps(stats, indent=2))
+    if len(args) < 1 or args[0] not in DATA_COMMANDS:
+        raise UsageError(synopsis)
+    command, rest = args[0], args[1:]
+    if any(a in HELP_FLAGS for a in rest):
+        named = [a for a in rest if a not in HELP_FLAGS]
+        if named:
+            check_name(command, named[0])
+        print(data_help(command, named[:1] or data_names(command)))
         return
-    raise UsageError(usage)
+    if not rest:
+        raise UsageError(synopsis)
+    name = rest[0]
+    pairs = [a for a in rest[1:] if "=" in a]
+    paths = [a for a in rest[1:] if "=" not in a]
+    if command == "generate" and not paths:
+        from cm_policy.tasks import task_type
+
+        opts = data_options(command, name, pairs)
+        task_type(name).generate(opts)
+        return
+    if command == "convert" and len(paths) >= 2:
+        from cm_policy.data.formats import data_formats
+        from cm_policy.tasks import task_type
+
+        opts = data_options(command, name, pairs)
+        source = data_formats().get(name) or task_type(name)
+        print(json.dumps(source.convert(paths[:-1], paths[-1], opts), indent=2))
+        return
+    raise UsageError(synopsis)
 
 
 def cmd_train(args: list[str]) -> Path:
@@ -178,9 +391,9 @@ def cmd_run(args: list[str]) -> Path:
     if not dataset.exists():
         task = load_task(cfg.task)
         print(f"no dataset at {dataset}: generating {cfg.demos.n} {task.name} demos")
-        defaults = {key: default for key, (_, default) in task.generate_options.items()}
-        opts = {**defaults, **cfg.demos, "out": str(dataset)}
-        opts["images"] = bool(cfg.demos.images) or bool(cfg.task.image_keys)
+        # config/generate/<task>.yaml, with the job's demos settings and its dataset path.
+        opts = data_options("generate", task.name, values={**cfg.demos, "out": str(dataset)})
+        opts["images"] = opts["images"] or bool(cfg.task.image_keys)
         task.generate(opts)
     # The job evaluates the final policy itself (eval_final, with videos, for the report): the
     # trainer keeps only its periodic evaluations (training.eval_every > 0), never a second one.
@@ -322,7 +535,7 @@ def run_command(argv: list[str]) -> Any:
     """Run a command line (without the program name); returns what the command returns (a run
     folder, metrics), errors raised as they are."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    parser = argparse.ArgumentParser(prog="cm-policy", usage=USAGE, add_help=True)
+    parser = argparse.ArgumentParser(prog="cm-policy", usage=LazyUsage(), add_help=True)
     parser.add_argument(
         "command", choices=["data", "train", "eval", "run", "serve", "export", "campaign"]
     )

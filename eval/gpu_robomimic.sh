@@ -9,12 +9,13 @@
 # data/robomimic_can_mix.zarr, see eval/results/robomimic.md) and a PYTHON with CUDA torch that
 # imports this package and robosuite. Within TOTAL_SECONDS (default
 # 560), in this order:
-#   1. smoke: eval/compare.py's tiny budget on Can with training, evaluation and sampling on the
-#      GPU (~30 s); a failure stops the script at once, so a fixed rerun costs little;
+#   1. smoke: eval/plans/smoke.yaml on Can with training, evaluation and sampling on the GPU
+#      (~30 s); a failure stops the script at once, so a fixed rerun costs little;
 #   2. eval/bench_server.py --device cuda -> OUT_DIR/server_gpu.md;
-#   3. eval/compare.py on Can, budget robomimic_gpu, with --train-seconds set to the time left
-#      minus EVAL_RESERVE (default 180 s) for the evaluation: the steps are planned from step
-#      costs measured first -> OUT_DIR/compare_robomimic_can_lowdim_gpu.md.
+#   3. the campaign eval/plans/compare_robomimic_gpu.yaml (iSD and DDPM on Can) with
+#      --fit-seconds set to the time left minus EVAL_RESERVE (default 180 s) for the evaluation:
+#      the steps are planned from step costs measured first
+#      -> OUT_DIR/compare_robomimic_can_lowdim_gpu.md.
 # OUT_DIR/gpu_robomimic.tar.gz holds every report, PNG, metrics file and log (no weights).
 set -uo pipefail
 OUT=${1:?usage: bash eval/gpu_robomimic.sh OUT_DIR [PYTHON] [TOTAL_SECONDS]}
@@ -32,7 +33,6 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 START=$SECONDS
 DATA=${DATA:-data/robomimic_can.zarr}
-CAN='{"isd": ["1"], "ddpm": ["ddpm:100"]}'
 
 finish() {
   cp "$WORK"/results/*.md "$OUT"/ 2>/dev/null
@@ -50,9 +50,9 @@ source eval/stage.sh
 
 check_device "$PY" "$DATA" "$OUT"
 
-stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny --n-envs 2 \
-  --methods "$SMOKE_METHODS" --samplers "$CAN" --dataset "$DATA" --device "$DEVICE" \
-  --out-dir "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
+stage smoke 150 "$PY" -m cm_policy.cli campaign eval/plans/smoke.yaml --jobs 1 \
+  --set task=robomimic_can_lowdim --set dataset="$DATA" --device "$DEVICE" \
+  --runs "$SMOKE_METHODS" --root "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
 
 if [ "$SERVER" = 1 ]; then
   stage server 120 "$PY" eval/bench_server.py --device "$DEVICE" --threads 2 \
@@ -63,7 +63,6 @@ fi
 left=$((TOTAL - (SECONDS - START)))
 train_s=$((left - EVAL_RESERVE - MARGIN))
 [ $train_s -ge 60 ] || { echo "only ${left} s left: no time to train"; exit 1; }
-stage can $((left - 15)) "$PY" eval/compare.py --task robomimic_can_lowdim \
-  --budget robomimic_gpu --methods isd,ddpm --samplers "$CAN" --dataset "$DATA" \
-  --device "$DEVICE" --train-seconds "$train_s" --out-dir "$WORK/can" --results "$WORK/results" \
-  --name compare_robomimic_can_lowdim_gpu
+stage can $((left - 15)) "$PY" -m cm_policy.cli campaign eval/plans/compare_robomimic_gpu.yaml \
+  --jobs 1 --threads 4 --set dataset="$DATA" --set 'runs.isd.samplers=["1"]' \
+  --device "$DEVICE" --fit-seconds "$train_s" --root "$WORK/can" --results "$WORK/results"

@@ -20,7 +20,7 @@ OUT=${1:?usage: bash eval/gpu_robomimic_long.sh OUT_DIR [PYTHON] [TOTAL_S]}
 PY=${2:-python3}
 TOTAL=${3:-540}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run without a GPU (with small settings below)
-BUDGET=${BUDGET:-robomimic_gpu}
+PLAN=${PLAN:-eval/plans/compare_robomimic_gpu.yaml}
 CAN_TRAIN_S=${CAN_TRAIN_S:-240}
 CAN_BATCH=${CAN_BATCH:-1024}
 IMG_PROCS=${IMG_PROCS:-12}
@@ -98,19 +98,19 @@ env.close()" || return 1
 image_data >"$WORK/logs/image_data.log" 2>&1 &
 IMG_PID=$!
 if [ "$SMOKE" = 1 ]; then
-  stage smoke 150 "$PY" eval/compare.py --task robomimic_can_lowdim --budget tiny --n-envs 2 \
-    --methods isd --samplers '{"isd": ["1"]}' --dataset "$DATA" --device "$DEVICE" \
-    --out-dir "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
+  stage smoke 150 "$PY" -m cm_policy.cli campaign eval/plans/smoke.yaml --jobs 1 --runs isd \
+    --set task=robomimic_can_lowdim --set dataset="$DATA" --device "$DEVICE" \
+    --root "$WORK/smoke" --results "$WORK/smoke_results" || exit 1
 fi
 
 # A: iSD on Can; its planned steps are B's.
 CAN_ISD_LIMIT=$(($(left) - 20))
-stage can_isd "$CAN_ISD_LIMIT" "$PY" eval/compare.py --task robomimic_can_lowdim \
-  --budget "$BUDGET" --methods isd --samplers '{"isd": ["1"]}' --dataset "$DATA" \
-  --device "$DEVICE" --batch-size "$CAN_BATCH" --seeds "$SEEDS" \
-  $([ -n "$CAN_STEPS" ] && echo "--steps $CAN_STEPS" || echo "--train-seconds $CAN_TRAIN_S") \
-  --n-envs "$N_ENVS" --out-dir "$WORK/can" --results "$WORK/results" \
-  --name compare_robomimic_can_lowdim_gpu_isd &
+stage can_isd "$CAN_ISD_LIMIT" "$PY" -m cm_policy.cli campaign "$PLAN" --jobs 1 --runs isd \
+  --set dataset="$DATA" --set "common+=[training.batch_size=$CAN_BATCH]" \
+  --set 'runs.isd.samplers=["1"]' --set "runs.isd.seeds=[$SEEDS]" \
+  $([ -n "$CAN_STEPS" ] && echo "--set marks_steps=[$CAN_STEPS]" || echo "--fit-seconds $CAN_TRAIN_S") \
+  --device "$DEVICE" --n-envs "$N_ENVS" --root "$WORK/can" --results "$WORK/results" \
+  --set name=compare_robomimic_can_lowdim_gpu_isd &
 ISD_PID=$!
 
 # B: DDPM with A's steps: CAN_STEPS, or those A plans (waiting up to 2 min for them).
@@ -125,11 +125,11 @@ if [ "$DDPM" = 1 ]; then
 fi
 if [ -n "${STEPS:-}" ]; then
   echo "DDPM gets iSD's $STEPS steps" | tee -a "$STAGE_SUMMARY"
-  stage can_ddpm $(($(left) - 20)) "$PY" eval/compare.py --task robomimic_can_lowdim \
-    --budget "$BUDGET" --methods ddpm --samplers '{"ddpm": ["ddpm:100"]}' --dataset "$DATA" \
-    --device "$DEVICE" --batch-size "$CAN_BATCH" --steps "$STEPS" --seeds "$SEEDS" --n-envs "$N_ENVS" \
-    --out-dir "$WORK/can_ddpm" --results "$WORK/results" \
-    --name compare_robomimic_can_lowdim_gpu_ddpm &
+  stage can_ddpm $(($(left) - 20)) "$PY" -m cm_policy.cli campaign "$PLAN" --jobs 1 --runs ddpm \
+    --set dataset="$DATA" --set "common+=[training.batch_size=$CAN_BATCH]" \
+    --set "marks_steps=[$STEPS]" --set "runs.ddpm.seeds=[$SEEDS]" --device "$DEVICE" \
+    --n-envs "$N_ENVS" --root "$WORK/can_ddpm" --results "$WORK/results" \
+    --set name=compare_robomimic_can_lowdim_gpu_ddpm &
   DDPM_PID=$!
 else
   [ "$DDPM" = 1 ] && why="no planned steps from can_isd" || why="DDPM=0"
@@ -141,11 +141,12 @@ fi
 if wait "$IMG_PID" && [ -d "$WORK/img_data/lift_image.zarr" ]; then
   img_train_s=$(($(left) - IMG_EVAL_RESERVE - 60))
   if [ "$img_train_s" -ge 45 ]; then
-    MUJOCO_GL=egl stage img_lift $(($(left) - 15)) "$PY" eval/compare.py \
-      --task robomimic_lift_image --budget "$BUDGET" --methods isd --samplers '{"isd": ["1"]}' \
-      --dataset "$WORK/img_data/lift_image.zarr" --device "$DEVICE" --batch-size "$IMG_BATCH" \
-      --train-seconds "$img_train_s" --n-envs "$N_ENVS" --out-dir "$WORK/img" \
-      --results "$WORK/results" --name compare_robomimic_lift_image_gpu
+    MUJOCO_GL=egl stage img_lift $(($(left) - 15)) "$PY" -m cm_policy.cli campaign "$PLAN" \
+      --jobs 1 --runs isd --set task=robomimic_lift_image \
+      --set dataset="$WORK/img_data/lift_image.zarr" --set 'runs.isd.samplers=["1"]' \
+      --set "common+=[training.batch_size=$IMG_BATCH]" --device "$DEVICE" \
+      --fit-seconds "$img_train_s" --n-envs "$N_ENVS" --root "$WORK/img" \
+      --results "$WORK/results" --set name=compare_robomimic_lift_image_gpu
   else
     echo "image run: only ${img_train_s} s left for training, skipped" | tee -a "$STAGE_SUMMARY"
   fi

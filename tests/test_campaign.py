@@ -4,6 +4,7 @@ resuming, appended marks, reports."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,12 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         assert set(final["noise"]) == ({"zero", "mean:2"} if run == "isd" else set())
         assert final["headline"] == ("2" if run == "isd" else "1")
         assert final["train"]["nonfinite_steps"] == 0 and final["step"] == max(expected)
+        # The degeneracy check of generative runs: chunks vary across noise draws.
+        if run == "isd":
+            assert set(final["spread"]) == samplers
+            assert all(v["spread"] > 0 and v["rmse_to_demo"] > 0 for v in final["spread"].values())
+        else:
+            assert "spread" not in final
         # Each mark carries its interval's stability evidence: gradients and raw loss terms.
         previous = 0
         for step in sorted(set(expected)):
@@ -434,3 +441,51 @@ def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: 
     plan_file.write_text(yaml.safe_dump({**plan, "marks_min": [10]}))
     with pytest.raises(SystemExit, match="either in minutes"):
         campaign.Plan.load(plan_file)
+
+
+def test_plan_fields_change_on_the_command_line_and_steps_fit_a_time(tmp_path: Path):
+    """--set FIELD=VALUE / runs.RUN.FIELD=VALUE / FIELD+=[...] change a plan as it is read (a
+    mistyped field or run is refused by name); --fit-seconds places one mark at the steps that
+    fit."""
+    plan = report_plan(
+        tmp_path,
+        name="base",
+        task="pusht_keypoints",
+        common=["model=unet_tiny"],
+        runs=[
+            {"name": "gen", "method": "isd", "seeds": [0], "samplers": ["1"]},
+            {"name": "den", "method": "ddpm", "seeds": [0]},
+        ],
+    )
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    changes = [
+        "task=pusht_state",
+        "marks_min=[]",
+        "marks_steps=[300, 100]",
+        "common+=[training.batch_size=64]",
+        'runs.gen.samplers=["1", "2"]',
+        "name=changed",
+    ]
+    loaded = campaign.Plan.load(plan_file, changes)
+    assert loaded.task == "pusht_state" and loaded.name == "changed"
+    assert loaded.marks_steps == [100, 300] and loaded.unit == "steps"
+    assert loaded.common == ["model=unet_tiny", "training.batch_size=64"]
+    assert loaded.runs[0].samplers == ["1", "2"] and loaded.runs[1].samplers == []
+    assert campaign.Plan.load(plan_file).task == "pusht_keypoints"  # the file is unchanged
+    for bad, message in (
+        ("nosuch=1", "unknown plan keys"),
+        ("runs.zzz.seeds=[1]", "has no run 'zzz'"),
+        ("runs.gen.bogus=1", "unknown keys ['bogus']"),
+        ("noequals", "expected FIELD=VALUE"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            campaign.Plan.load(plan_file, [bad])
+    # Two pairs, one job: two rounds of the runs' mean cost (0.2 s) times the trainer's overhead.
+    from cm_policy.experiments.measure import RUN_OVERHEAD
+
+    costs = {"gen": 0.1, "den": 0.3}
+    steps = campaign.fitted_steps(loaded, costs, pairs=2, jobs=1, seconds=600)
+    assert steps == int(600 / (RUN_OVERHEAD * 0.2 * 2)) // 10 * 10
+    assert campaign.fitted_steps(loaded, costs, pairs=2, jobs=2, seconds=600) >= 2 * steps - 10
+    assert campaign.fitted_steps(loaded, costs, pairs=2, jobs=1, seconds=0.01) == loaded.grain

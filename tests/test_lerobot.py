@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import in_ci
+from omegaconf import OmegaConf
 
 from cm_policy.cli import main, run_command
+from cm_policy.configs import config_dir
 from cm_policy.data import DatasetError, ReplayBuffer
 from cm_policy.data.formats import data_formats
 from cm_policy.data.formats.lerobot import (
@@ -137,7 +139,8 @@ def _episode_ends(lengths) -> np.ndarray:
 # --- the format, its keys and options ----------------------------------------------------------
 def test_the_format_is_discovered_and_keys_lose_their_dots():
     assert data_formats()["lerobot"] is LeRobotFormat
-    assert set(LeRobotFormat.convert_options) == {"keys", "resize", "overwrite"}
+    options = OmegaConf.load(config_dir() / "convert/lerobot.yaml")  # its command-line options
+    assert set(options) == {"keys", "resize", "overwrite"}
     assert buffer_key("observation.images.top") == "observation_images_top"
     assert buffer_key("action") == "action"
     assert parse_resize("96,128") == (96, 128) and parse_resize("96x128") == (96, 128)

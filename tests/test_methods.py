@@ -1,4 +1,4 @@
-"""The baselines beside iSD: losses, sampling, learning, the diffusers reference, the harness."""
+"""The baselines beside iSD: losses, sampling, learning, the diffusers reference."""
 
 from __future__ import annotations
 
@@ -228,82 +228,6 @@ def assert_episodes_match_metrics(folder: Path, seeds: list[int]) -> None:
     assert metrics["n_episodes"] == len(seeds) and metrics["seeds"] == [seeds[0], seeds[-1]]
     assert metrics["mean_score"] == pytest.approx(np.mean([e["max_reward"] for e in episodes]))
     assert metrics["success_rate"] == pytest.approx(np.mean([e["success"] for e in episodes]))
-
-
-def test_compare_harness_runs_end_to_end_and_resumes(
-    planner_pusht: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.syspath_prepend(str(EVAL_DIR))
-    from harness import BUDGETS, TEST_START, headline, run_compare, training_config, write_report
-
-    from cm_policy.checkpoint import load_policy
-    from cm_policy.experiments.measure import chunk_spread
-
-    out, dataset = tmp_path / "runs", str(planner_pusht)
-    results = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=dataset)
-    runs = results["runs"]
-    assert set(runs) == {"isd_s0", "ddpm_s0"}
-    assert set(runs["ddpm_s0"]["entries"]) == {"ddpm:100", "ddim:10", "ddim:1"}
-    for name, run in runs.items():
-        for sampler, entry in run["entries"].items():
-            folder = out / name / "compare" / sampler.replace(":", "")
-            assert_episodes_match_metrics(folder, [TEST_START, TEST_START + 1])
-            metrics = json.loads((folder / "metrics.json").read_text())
-            assert {k: v for k, v in entry.items() if k != "latency_ms"} == metrics
-        assert run["train"]["nonfinite_steps"] == 0 and run["train"]["grad_max"] > 0
-        # Generative methods: different noise for one observation gives different chunks.
-        assert run["degeneracy"]["sampler"] == headline(run["method"])
-        assert run["degeneracy"]["spread"] > 0.05, run["degeneracy"]
-    # Latency is measured at each sampler's own cost: 100 network evaluations against 1.
-    entries = runs["ddpm_s0"]["entries"]
-    assert entries["ddpm:100"]["latency_ms"] > 5 * entries["ddim:1"]["latency_ms"]
-
-    # The spread is the variation across noise draws for one observation, not across
-    # observations: zero for a sampler that ignores its noise, the noise's own std for one that
-    # returns it.
-    policy = load_policy(out / "isd_s0", weights="ema")
-    cfg = training_config("pusht_keypoints", "isd", BUDGETS["tiny"], 0, dataset, out)
-    sampled = []
-
-    def ignores_noise(net, cond, shape, steps=None, generator=None, sampler=None, z=None):
-        sampled.append(torch.tanh(cond.mean(dim=1)).view(-1, 1, 1).expand(shape))
-        return sampled[-1]
-
-    def returns_noise(net, cond, shape, steps=None, generator=None, sampler=None, z=None):
-        return torch.randn(shape, generator=generator)
-
-    monkeypatch.setattr(policy.method, "sample", ignores_noise)
-    assert chunk_spread(policy, cfg, "1", n_obs=8, n_draws=4)["spread"] < 1e-6
-    assert sampled[-1].std() > 0.01  # while the chunks of different observations differ
-    monkeypatch.setattr(policy.method, "sample", returns_noise)
-    assert chunk_spread(policy, cfg, "1", n_obs=64, n_draws=16)["spread"] == pytest.approx(
-        1.0, abs=0.05
-    )
-
-    report = write_report(results, tmp_path / "results", "python eval/compare.py ...", "notes")
-    text = report.read_text()
-    assert "| isd | isd-1 | 1 |" in text and "| ddpm | ddpm-100 | 100 |" in text
-    for png in ("grad", "loss", "score"):
-        assert (tmp_path / "results" / f"compare_pusht_keypoints_{png}.png").stat().st_size > 0
-    # A second call reuses every finished run and evaluation.
-    stamp = (out / "isd_s0" / "compare" / "1" / "metrics.json").stat().st_mtime_ns
-    again = run_compare("pusht_keypoints", "tiny", ["isd", "ddpm"], out, dataset=dataset)
-    assert (out / "isd_s0" / "compare" / "1" / "metrics.json").stat().st_mtime_ns == stamp
-    assert json.dumps(again["runs"], sort_keys=True) == json.dumps(runs, sort_keys=True)
-
-
-def test_train_seconds_plans_the_steps_from_step_costs(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(EVAL_DIR))
-    from harness import RUN_OVERHEAD, plan_steps
-
-    costs = {"isd": 0.03, "ddpm": 0.02}
-    # 2 methods x 2 seeds at 0.05 s x RUN_OVERHEAD a step pair in 300 s, rounded down to 100s
-    expected = int(300 / (RUN_OVERHEAD * 0.05 * 2)) // 100 * 100
-    assert plan_steps(costs, ["isd", "ddpm"], 2, 300) == expected
-    assert expected * RUN_OVERHEAD * 0.05 * 2 <= 300
-    assert plan_steps(costs, ["isd"], 1, 1) == 100  # never fewer than 100
-    with pytest.raises(ValueError, match=r"no step cost for \['flow'\]"):
-        plan_steps(costs, ["isd", "flow"], 1, 300)
 
 
 def test_methods_declare_what_they_log_and_sample():

@@ -224,6 +224,22 @@ def test_convert_several_files_into_one_buffer(tmp_path):
     assert not (tmp_path / "mixed.zarr").exists()
 
 
+def test_cli_convert_options_from_the_config(tmp_path, capsys):
+    """``cm-policy data convert robomimic``: config/convert/robomimic.yaml's defaults (no filter
+    key: every demo), its keys as overrides."""
+    from cm_policy.cli import UsageError, run_command
+
+    path = tmp_path / "fake.hdf5"
+    write_fake(path)
+    run_command(["data", "convert", "robomimic", str(path), str(tmp_path / "all.zarr")])
+    assert json.loads(capsys.readouterr().out)["episodes"] == 2
+    out = str(tmp_path / "train.zarr")
+    run_command(["data", "convert", "robomimic", str(path), out, "filter_key=train"])
+    assert json.loads(capsys.readouterr().out)["episodes"] == 1
+    with pytest.raises(UsageError, match="its keys: abs_action, image, filter_key, overwrite"):
+        run_command(["data", "convert", "robomimic", str(path), out, "filter=train"])
+
+
 def test_recovery_attempts_are_spread_evenly():
     from cm_policy.envs.robomimic_experts import is_recovery_attempt
 

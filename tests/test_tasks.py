@@ -114,5 +114,23 @@ def test_dataset_task_trains_on_named_keys(tmp_path: Path):
 
 
 def test_data_convert_names_the_sources(tmp_path: Path):
-    with pytest.raises(ValueError, match=r"unknown task env 'nosuch'"):
+    sources = sorted(p.stem for p in (config_dir() / "convert").glob("*.yaml"))
+    with pytest.raises(ValueError, match=r"no data convert for 'nosuch': SOURCE in \[") as refused:
         run_command(["data", "convert", "nosuch", "a", str(tmp_path / "b.zarr")])
+    assert str(sources) in str(refused.value)
+
+
+def test_every_generator_and_converter_has_its_options_config_and_back():
+    """``config/generate/<task>.yaml`` for each task with a generator, ``config/convert/<name>
+    .yaml`` for each data format and each task with a converter, and no config without one."""
+    from cm_policy.data.formats import data_formats
+    from cm_policy.tasks import Task
+
+    def has(cls: type, method: str) -> bool:
+        return getattr(cls, method).__func__ is not getattr(Task, method).__func__
+
+    generate = {p.stem for p in (config_dir() / "generate").glob("*.yaml")}
+    convert = {p.stem for p in (config_dir() / "convert").glob("*.yaml")}
+    assert generate == {name for name, cls in task_types().items() if has(cls, "generate")}
+    converters = {name for name, cls in task_types().items() if has(cls, "convert")}
+    assert convert == converters | set(data_formats())

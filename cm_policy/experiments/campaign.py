@@ -52,6 +52,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,10 @@ class Plan:
     marks_steps: list[int] = field(default_factory=list)
     episodes_per_seed: int = 250
     test_start: int = 100000
-    n_envs: int = 50
+    # Envs per evaluation batch and how they run ("sync": in the evaluating process, for cheap
+    # physics; "async": a process per env): None is the task's own default.
+    n_envs: int | None = None
+    layout: str | None = None
     grain: int = GRAIN_DEFAULT
     noise_draws: int = 4  # K of the mean-of-K noise diagnostic
     # Task metrics that are shares of all episodes (e.g. two-goal PushT's reached_A, between):
@@ -129,12 +133,22 @@ class Plan:
         return self.all_seeds.index(seed)
 
     @staticmethod
-    def load(path: Path) -> Plan:
+    def load(path: Path, changes: Sequence[str] = ()) -> Plan:
+        """The plan in ``path``, with ``changes`` (``FIELD=VALUE`` or ``runs.RUN.FIELD=VALUE``,
+        the value in YAML) applied first: ``cm-policy campaign PLAN --set ...``."""
         raw = yaml.safe_load(path.read_text())
+        apply_changes(raw, changes, path)
         expected = {f for f in Plan.__dataclass_fields__}
         unknown = sorted(set(raw) - expected)
         if unknown:
             raise SystemExit(f"{path}: unknown plan keys {unknown}; expected some of {expected}")
+        run_fields = set(RunSpec.__dataclass_fields__)
+        for r in raw["runs"]:
+            if set(r) - run_fields:
+                raise SystemExit(
+                    f"{path}: run {r.get('name')!r} has unknown keys {sorted(set(r) - run_fields)};"
+                    f" expected some of {sorted(run_fields)}"
+                )
         runs = [RunSpec(**r) for r in raw.pop("runs")]
         names = [r.name for r in runs]
         if len(set(names)) != len(names):
@@ -166,6 +180,51 @@ class Plan:
         raw["marks_min"] = sorted(float(m) for m in raw.get("marks_min", []))
         raw["marks_steps"] = sorted(int(m) for m in raw.get("marks_steps", []))
         return Plan(runs=runs, **raw)
+
+
+def apply_changes(raw: dict, changes: Sequence[str], path: Path) -> None:
+    """Apply ``FIELD=VALUE`` / ``runs.RUN.FIELD=VALUE`` changes (values in YAML) to a raw plan."""
+    for change in changes:
+        key, sep, text = change.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {change!r}: expected FIELD=VALUE or runs.RUN.FIELD=VALUE")
+        value = yaml.safe_load(text)
+        if key.endswith("+"):  # FIELD+=[...]: append to a list field (common, a run's overrides)
+            key = key[:-1]
+            value = [*(lookup(raw, key, change, path) or []), *value]
+        parts = key.split(".")
+        if parts[0] == "runs" and len(parts) == 3:
+            runs = {r["name"]: r for r in raw["runs"]}
+            if parts[1] not in runs:
+                raise SystemExit(f"--set {change!r}: {path} has no run {parts[1]!r}: {list(runs)}")
+            runs[parts[1]][parts[2]] = value
+        elif len(parts) == 1 and key != "runs":
+            raw[key] = value
+        else:
+            raise SystemExit(f"--set {change!r}: expected FIELD=VALUE or runs.RUN.FIELD=VALUE")
+
+
+def lookup(raw: dict, key: str, change: str, path: Path) -> Any:
+    """The value of ``FIELD`` or ``runs.RUN.FIELD`` in a raw plan."""
+    parts = key.split(".")
+    if parts[0] == "runs" and len(parts) == 3:
+        runs = {r["name"]: r for r in raw["runs"]}
+        if parts[1] not in runs:
+            raise SystemExit(f"--set {change!r}: {path} has no run {parts[1]!r}: {list(runs)}")
+        return runs[parts[1]].get(parts[2])
+    return raw.get(key)
+
+
+def fitted_steps(plan: Plan, costs: dict[str, float], pairs: int, jobs: int, seconds: float) -> int:
+    """The training steps (on the checkpoint grain, at least one grain) with which ``pairs``
+    (run, seed) trainings of these step costs, ``jobs`` at a time, end within ``seconds``: the
+    bare costs times the trainer's overhead (RUN_OVERHEAD), the runs' mean cost per pair."""
+    from cm_policy.experiments.measure import RUN_OVERHEAD
+
+    mean_cost = sum(costs[r.name] for r in plan.runs) / len(plan.runs)
+    rounds = math.ceil(pairs / jobs)
+    steps = seconds / (RUN_OVERHEAD * mean_cost * rounds)
+    return max(plan.grain, int(steps) // plan.grain * plan.grain)
 
 
 @dataclass
@@ -387,9 +446,11 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
     import torch
 
     from cm_policy.checkpoint import load_policy
+    from cm_policy.configs import compose
     from cm_policy.evaluation.machine import describe_machine
     from cm_policy.experiments.measure import (
         chunk_latency_ms,
+        chunk_spread,
         evaluate_entry,
         grad_stats,
         interval_stats,
@@ -449,7 +510,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
         entries = {}
         for label in samplers_of(run):
             out = run_dir / "eval" / f"step{step}_{label.replace(':', '')}"
-            entries[label] = evaluate_entry(policy, label, seeds, out, n_envs, layout="sync")
+            entries[label] = evaluate_entry(policy, label, seeds, out, n_envs, layout=plan.layout)
             episodes = json.loads((out / "episodes.json").read_text())
             if episodes and episodes[0].get("outcome"):  # kept for figures of where runs end
                 entries[label]["outcomes"] = [e["outcome"] for e in episodes]
@@ -481,9 +542,14 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
                     seeds,
                     out.with_name(out.name.replace(":", "")),
                     n_envs,
-                    layout="sync",
+                    layout=plan.layout,
                     noise=noise,
                 )
+            # Degeneracy check: how much chunks vary across noise draws for fixed observations.
+            cfg = compose("config", run_overrides(plan, run, seed, run_dir, setup))
+            final["spread"] = {
+                label: chunk_spread(policy, cfg, label) for label in samplers_of(run)
+            }
         final["train"] = grad_stats(read_log(run_dir))
         cache["final"] = final
         write_atomic(path, cache)
@@ -793,7 +859,7 @@ def write_report(
         "",
         "## Score at each mark",
         "",
-        "Each training seed's own mean_score / success rate in the last columns but one: two "
+        "The column 'each seed' holds every training seed's own mean_score / success rate: two "
         "seeds can differ by more than the episode interval says.",
         "",
         f"| run | sampler | {unit_head} | seeds done | episodes | mean_score | success "
@@ -877,12 +943,14 @@ def write_report(
             f"chunk averaged over {plan.noise_draws} draws, beside random noise (the row above)."
             " A policy whose score does not move acts as a regressor. Latency: median "
             "`predict_action` at batch 1 on the measuring job's threads and device (see above). "
-            "Gradients: over the whole run.",
+            "Chunk spread: the std of 16 sampled chunks for one observation (normalised action "
+            "units, mean over 64 training observations), beside their RMSE to the demonstrated "
+            "chunk: a spread near 0 is a collapsed generator. Gradients: over the whole run.",
             "",
             "| run | seed | step | diagnosed sampler | zero noise: score / success "
-            "| mean of K: score / success | latency (ms) | grad median | grad p99 "
-            "| non-finite steps |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| mean of K: score / success | chunk spread / RMSE to demo | latency (ms) "
+            "| grad median | grad p99 | non-finite steps |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r, s, f in finals:
             noise = f["noise"]
@@ -893,11 +961,15 @@ def write_report(
                 for k in ("zero", f"mean:{plan.noise_draws}")
             ]
             latency = ", ".join(f"{k}: {v:.1f}" for k, v in f["latency_ms"].items())
+            spread = f.get("spread", {}).get(f["headline"])
+            spread_cell = (
+                f"{spread['spread']:.3f} / {spread['rmse_to_demo']:.3f}" if spread else "-"
+            )
             t = f["train"]
             lines.append(
                 f"| {r.name} | {s} | {f.get('step', '-')} | {f['headline']} | {cells[0]} | "
-                f"{cells[1]} | {latency} | {t['grad_median']:.3g} | {t['grad_p99']:.3g} | "
-                f"{t['nonfinite_steps']} |"
+                f"{cells[1]} | {spread_cell} | {latency} | {t['grad_median']:.3g} | "
+                f"{t['grad_p99']:.3g} | {t['nonfinite_steps']} |"
             )
     noisy = [(r, s, f) for r, s, f in finals if f["noise"]]
     if noisy and (plan.rate_metrics or plan.balance):
@@ -955,6 +1027,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dataset", default=None, help="the plan's data set elsewhere (a copy)")
     parser.add_argument("--root", type=Path, default=None, help="run folders (default runs/NAME)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a plan field (a YAML value), e.g. task=robomimic_lift_lowdim, "
+        'marks_steps=[2000], runs.isd.samplers=["1"]; FIELD+=[...] appends to a list, e.g. '
+        "common+=[training.batch_size=1024]; repeatable",
+    )
+    parser.add_argument(
+        "--fit-seconds",
+        type=float,
+        default=None,
+        help="train to the one mark whose steps fit this many seconds of training here: step "
+        "costs measured first on this device and threads (an equal-steps plan for a short "
+        "session, e.g. on a GPU)",
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--costs-only",
@@ -965,9 +1054,9 @@ def main(argv: list[str] | None = None) -> None:
         "--no-reuse", action="store_true", help="train runs that name reuse=... here as well"
     )
     args = parser.parse_args(argv)
-    plan = Plan.load(args.plan)
+    plan = Plan.load(args.plan, args.set)
     every_run = plan.runs  # step costs are measured for all of them, whatever --runs trains
-    command = f"cm-policy campaign {args.plan}"
+    command = " ".join(["cm-policy campaign", str(args.plan), *(f"--set '{c}'" for c in args.set)])
     if args.runs:
         names = args.runs.split(",")
         unknown = sorted(set(names) - {r.name for r in plan.runs})
@@ -999,6 +1088,30 @@ def main(argv: list[str] | None = None) -> None:
     setup = Setup(args.jobs, args.threads, args.device, args.n_envs)
     root = (args.root or Path("runs") / plan.name).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    fit_note = []
+    if args.fit_seconds:
+        from cm_policy.configs import compose
+        from cm_policy.experiments.measure import step_costs
+
+        here = step_costs(
+            {
+                r.name: compose("config", run_overrides(plan, r, r.seeds[0], root / "probe", setup))
+                for r in plan.runs
+            }
+        )
+        n_pairs = sum(1 for r in plan.runs for s in r.seeds if s in seeds)
+        steps = fitted_steps(plan, here, n_pairs, args.jobs, args.fit_seconds)
+        plan.marks_steps, plan.marks_min = [steps], []
+        shown = ", ".join(f"{k} {v:.3f} s" for k, v in here.items())
+        print(f"== {steps} steps fit {args.fit_seconds:.0f} s of training ({shown} per step here)")
+        costs_file = plan.results / "step_costs.json"
+        if not costs_file.exists():
+            # No CPU costs to place a compute axis: this device's, said so in the report.
+            write_atomic(costs_file, here)
+            fit_note = [
+                f"Step costs measured on this machine's training setup ({setup.describe()}), "
+                "not one CPU thread: the compute axis is in minutes of that setup."
+            ]
     costs = measured_costs(plan, root, every_run)
     if args.costs_only:  # e.g. to choose a network size that the machine carries
         from cm_policy.configs import compose
@@ -1013,7 +1126,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{batch / costs[r.name]:.1f} samples/s; marks at steps {steps}"
             )
         return
-    notes = take_reused(plan, costs, sources)
+    notes = take_reused(plan, costs, sources) + fit_note
     # Seed by seed, so that every run's first seed is done (and comparable) before second seeds.
     pairs = sorted(
         ((r, s) for r in plan.runs for s in r.seeds if s in seeds),

@@ -1,6 +1,7 @@
-"""Measurements the comparison harnesses build on: training logs and gradient statistics, step
+"""Measurements the campaigns build on: training logs and gradient statistics, step
 costs measured side by side, sample spread, latency per chunk, one cached evaluation per sampler
-setting, and pooled intervals. Budgets, orchestration and reports live in ``eval/``.
+setting, and pooled intervals. Plans, orchestration and reports:
+:mod:`cm_policy.experiments.campaign`.
 
 A sampler setting is a label made by the method (:meth:`~cm_policy.methods.base.Method.label`):
 ``"N"`` (N network evaluations of the method's sampler) or ``"kind:N"`` for a method with several

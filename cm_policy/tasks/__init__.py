@@ -3,7 +3,9 @@
 A task module (``cm_policy/tasks/<name>.py``) defines a :class:`Task` subclass whose ``name`` is
 the ``env`` of its configs (``config/task/*.yaml``). It declares the env factory, how recorded
 dataset fields become the env's observations, the control rate, the evaluation horizon, the
-success rule, and the demonstration generators and converters behind ``cm-policy data``.
+success rule, and the demonstration generators and converters behind ``cm-policy data`` (whose
+options and their defaults are the config groups ``config/generate/<name>.yaml`` and
+``config/convert/<name>.yaml``).
 Nothing outside a task module switches on a task's name: the rest of the package asks
 :func:`load_task` for the task of a config and calls it.
 """
@@ -20,9 +22,6 @@ import numpy as np
 
 from cm_policy.data import DatasetError
 
-# A command-line option of a data generator or converter: its type and its default (None: none).
-Options = dict[str, tuple[type, Any]]
-
 
 class Task:
     """One environment family and its data, configured by a task config (a plain mapping)."""
@@ -36,9 +35,6 @@ class Task:
     eval_layout: ClassVar[str] = "async"
     eval_envs: ClassVar[int] = 2
     success_rule: ClassVar[str]  # how the env decides ``is_success``, in words, for reports
-    # ``cm-policy data generate <name> k=v ...`` / ``data convert <name> IN ... OUT k=v ...``.
-    generate_options: ClassVar[Options] = {}
-    convert_options: ClassVar[Options] = {}
     # The info keys an evaluation keeps from each episode's last step, for episode_outcome.
     outcome_keys: ClassVar[tuple[str, ...]] = ()
     # Whether the task has an env to evaluate in (False: data only, trained but not evaluated).
@@ -77,12 +73,15 @@ class Task:
 
     @classmethod
     def generate(cls, opts: Mapping[str, Any]) -> Any:
-        """Write demonstrations (``cm-policy data generate``) with ``generate_options``."""
+        """Write demonstrations (``cm-policy data generate <name> k=v ...``); ``opts``: the
+        options of ``config/generate/<name>.yaml`` (their defaults) with the command's overrides."""
         raise ValueError(f"task {cls.name!r} has no demonstration generator")
 
     @classmethod
     def convert(cls, sources: list[str], out: str, opts: Mapping[str, Any]) -> Any:
-        """Convert recorded datasets into a replay buffer (``cm-policy data convert``)."""
+        """Convert recorded datasets into a replay buffer (``cm-policy data convert <name> IN
+        ... OUT k=v ...``); ``opts``: the options of ``config/convert/<name>.yaml`` (their
+        defaults) with the command's overrides."""
         raise ValueError(f"task {cls.name!r} has no dataset converter")
 
 

@@ -32,13 +32,6 @@ class PushT(Task):
     success_rule = f"coverage > {SUCCESS_THRESHOLD} at some step"
     # The goal poses the planner's demonstrations go to, one per episode (None: the reference's).
     demo_goals: tuple[tuple[float, float, float], ...] | None = None
-    generate_options = {
-        "n": (int, 100),
-        "out": (str, "data/pusht_generated.zarr"),
-        "seed": (int, 0),
-        "workers": (int, 2),
-        "images": (bool, True),
-    }
 
     def make_env(self) -> gym.Env:
         return PushTEnv(obs_type=self.cfg["obs_type"])
@@ -62,6 +55,7 @@ class PushT(Task):
 
     @classmethod
     def generate(cls, opts: Mapping[str, Any]) -> dict:
+        """``cm-policy data generate pusht``: options in config/generate/pusht.yaml."""
         from cm_policy.data.pusht_demos import generate_pusht_dataset
 
         return generate_pusht_dataset(

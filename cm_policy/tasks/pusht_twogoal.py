@@ -82,7 +82,6 @@ def is_between(block_xy: np.ndarray) -> bool:
 class TwoGoalPushT(PushT):
     name = "pusht_twogoal"
     success_rule = f"coverage > {SUCCESS_THRESHOLD} of either goal at some step"
-    generate_options = {**PushT.generate_options, "out": (str, "data/pusht_twogoal.zarr")}
     outcome_keys = ("reached", "state")
     demo_goals = GOALS
 

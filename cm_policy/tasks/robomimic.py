@@ -23,22 +23,6 @@ class Robomimic(Task):
     control_hz = CONTROL_HZ
     max_steps = MAX_STEPS
     success_rule = "the task's own success check (its sparse reward, so mean_score = success)"
-    generate_options = {
-        "task": (str, None),
-        "n": (int, 200),
-        "out": (str, None),  # default data/robomimic_<task>.hdf5
-        "seed": (int, 0),
-        "images": (bool, False),
-        "overwrite": (bool, False),
-        "recovery": (float, 0.0),
-        "recovery_kind": (str, "push"),
-    }
-    convert_options = {
-        "abs_action": (bool, False),
-        "image": (bool, False),
-        "filter_key": (str, None),
-        "overwrite": (bool, False),
-    }
 
     def make_env(self) -> gym.Env:
         return RobosuiteEnv(
@@ -58,14 +42,14 @@ class Robomimic(Task):
 
     @classmethod
     def generate(cls, opts: Mapping[str, Any]) -> dict:
+        """``cm-policy data generate robomimic``: options in config/generate/robomimic.yaml."""
         if not opts["task"]:
             raise ValueError("cm-policy data generate robomimic needs task=lift|can|square")
         from cm_policy.data.robomimic_demos import generate_robomimic_dataset
 
-        task = opts["task"]
         return generate_robomimic_dataset(
-            task,
-            opts["out"] or f"data/robomimic_{task}.hdf5",
+            opts["task"],
+            opts["out"],
             n_episodes=opts["n"],
             seed=opts["seed"],
             images=opts["images"],
@@ -76,6 +60,7 @@ class Robomimic(Task):
 
     @classmethod
     def convert(cls, sources: list[str], out: str, opts: Mapping[str, Any]) -> dict:
+        """``cm-policy data convert robomimic``: options in config/convert/robomimic.yaml."""
         from cm_policy.data.robomimic_hdf5 import convert_to_zarr
 
         kwargs = {k: v for k, v in opts.items() if v is not None}

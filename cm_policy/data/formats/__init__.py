@@ -1,7 +1,8 @@
 """Dataset formats that ``cm-policy data convert NAME SRC ... OUT.zarr`` reads, one module each.
 
-A format module defines a :class:`DataFormat` subclass with a ``name``, its ``convert_options``
-and ``convert``; it is found by discovery, so a new format is its module alone. (A task's own
+A format module defines a :class:`DataFormat` subclass with a ``name`` and ``convert``; it is
+found by discovery. Its command-line options and their defaults are the config
+``config/convert/<name>.yaml``, so a new format is its module and that file. (A task's own
 recordings, such as robomimic's HDF5 files, are converted by the task module instead.)
 """
 
@@ -11,17 +12,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-# A command-line option: its type and its default (None: none).
-Options = dict[str, tuple[type, Any]]
-
 
 class DataFormat:
     name: ClassVar[str] = ""
-    convert_options: ClassVar[Options] = {}
 
     @classmethod
     def convert(cls, sources: list[str], out: str, opts: Mapping[str, Any]) -> Any:
-        """Write ``sources`` as one replay buffer at ``out``; returns what it wrote, for people."""
+        """Write ``sources`` as one replay buffer at ``out`` with ``opts`` (the options of
+        ``config/convert/<name>.yaml`` with the command's overrides); returns what it wrote."""
         raise NotImplementedError
 
 

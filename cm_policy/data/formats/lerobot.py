@@ -1,6 +1,7 @@
 """LeRobotDataset folders (codebase v2.0, v2.1 and v3.0) as replay buffers.
 
-``cm-policy data convert lerobot SRC [SRC2 ...] OUT.zarr [keys=a,b resize=H,W overwrite=false]``
+``cm-policy data convert lerobot SRC [SRC2 ...] OUT.zarr [keys=A,B resize=H,W overwrite=BOOL]``
+(the options and their defaults: ``config/convert/lerobot.yaml``)
 
 A LeRobotDataset is a folder::
 
@@ -789,18 +790,10 @@ def source_attrs(path: str | Path) -> dict[str, Any] | None:
 
 class LeRobotFormat(DataFormat):
     name = "lerobot"
-    convert_options = {
-        "keys": (str, None),
-        "resize": (str, None),
-        "overwrite": (bool, False),
-    }
 
     @classmethod
     def convert(cls, sources: list[str], out: str, opts: Mapping[str, Any]) -> dict[str, Any]:
+        """``cm-policy data convert lerobot``: options in config/convert/lerobot.yaml."""
         return convert_lerobot(
-            sources,
-            out,
-            keys=opts.get("keys"),
-            resize=opts.get("resize"),
-            overwrite=bool(opts.get("overwrite", False)),
+            sources, out, keys=opts["keys"], resize=opts["resize"], overwrite=opts["overwrite"]
         )
