@@ -49,6 +49,54 @@ MUTATIONS = [
         "v_hat = f_diag[:k]",
     ),
     (
+        "iSD one-sided difference: divided by 2 eps",
+        "cm_policy/methods/isd.py",
+        "return (ahead - centre.detach()) / eps",
+        "return (ahead - centre.detach()) / (2 * eps)",
+    ),
+    (
+        "iSD one-sided difference: the step without the velocity shift",
+        "cm_policy/methods/isd.py",
+        "ahead = model(x + shift, t + eps, s, cond)",
+        "ahead = model(x, t + eps, s, cond)",
+    ),
+    (
+        "iSD one-sided difference: centred on the diagonal instead of the jump",
+        "cm_policy/methods/isd.py",
+        "d = self.time_derivative(model, xs, ts, ss, cs, v_hat, centre=f_jump)",
+        "d = self.time_derivative(model, xs, ts, ss, cs, v_hat, centre=f_diag[:k])",
+    ),
+    (
+        "iSD jvp_primal: the primal's gradient detached",
+        "cm_policy/methods/isd.py",
+        "return primal, tangent.detach()",
+        "return primal.detach(), tangent.detach()",
+    ),
+    (
+        "iSD jvp_primal: the tangent keeps its gradient",
+        "cm_policy/methods/isd.py",
+        "return primal, tangent.detach()",
+        "return primal, tangent",
+    ),
+    (
+        "iSD jvp_primal: the tangent without its time component",
+        "cm_policy/methods/isd.py",
+        "(x, t), (velocity, torch.ones_like(t))\n        )\n        return primal",
+        "(x, t), (velocity, torch.zeros_like(t))\n        )\n        return primal",
+    ),
+    (
+        "iSD jvp_primal: the jump evaluated on the diagonal (s = t)",
+        "cm_policy/methods/isd.py",
+        "f_jump, d = self.jump_and_derivative(model, xs, ts, ss, cs, v_hat)",
+        "f_jump, d = self.jump_and_derivative(model, xs, ts, ts, cs, v_hat)",
+    ),
+    (
+        "iSD jvp_primal: no fallback to two passes under bf16 autocast",
+        "cm_policy/methods/isd.py",
+        "if torch.is_autocast_enabled(x.device.type):",
+        "if False:",
+    ),
+    (
         "the adaptive weight's stop-gradient removed",
         "cm_policy/methods/base.py",
         "(per_sample / (per_sample.detach() + c).pow(p)).mean()",
@@ -123,7 +171,11 @@ def run(tests: list[str]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tests", nargs="+", default=["tests/test_method_math.py"])
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        default=["tests/test_method_math.py", "tests/test_isd_derivatives.py"],
+    )
     args = parser.parse_args()
     sys.exit(1 if run(args.tests) else 0)
 
