@@ -496,8 +496,10 @@ def user_error(exc: BaseException) -> str | None:
 
     if isinstance(exc, HydraException | OmegaConfBaseException):
         return str(exc).strip()
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0].strip()  # str(KeyError) is the repr of its key: quotes added
     if isinstance(exc, FileNotFoundError | NotADirectoryError | ValueError | KeyError):
-        return str(exc).strip("'\"")
+        return str(exc).strip()
     if isinstance(exc, ModuleNotFoundError):
         # Only the modules of pyproject.toml's optional "onnx" extra (export, and serving an
         # exported model): any other missing module is a broken install, worth its traceback.
@@ -523,6 +525,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run_command(argv)
     except Exception as exc:
+        # A bar the failed command left open would have the message glued to its line and be
+        # redrawn after it: close each (the innermost first), which ends its line.
+        std = sys.modules.get("tqdm.std")  # not imported: no bar was made
+        bars = list(getattr(std.tqdm, "_instances", ())) if std is not None else []
+        for bar in sorted(bars, key=lambda b: abs(getattr(b, "pos", 0) or 0), reverse=True):
+            try:
+                bar.close()
+            except Exception:  # a bar whose stream is gone: the error line matters more
+                pass
         message = None if debug else user_error(exc)
         if message is None:
             raise

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cm_policy.data.outputs import prepare_output
 from cm_policy.data.replay_buffer import ReplayBuffer, atomic_directory
 from cm_policy.envs.pusht_planner import generate
 
@@ -39,13 +40,13 @@ def generate_pusht_dataset(
     statistics: success rate, episode lengths and episodes per minute. ``goals``: each attempt
     plans for one of these block poses, drawn per seed; the buffer then records it per step as
     ``goal`` (its index; not an observation), and the statistics count attempts and successes
-    per goal.
+    per goal. ``overwrite`` replaces only a buffer this package wrote
+    (:func:`~cm_policy.data.outputs.prepare_output`).
     """
     out = Path(out)
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; remove it or pass overwrite=True")
+    prepare_output(out, overwrite)
     with atomic_directory(out) as tmp:
         buffer = ReplayBuffer.create(tmp)
         started = time.perf_counter()

@@ -24,6 +24,8 @@ import zarr.errors
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore, MemoryStore
 
+from cm_policy.data.outputs import MARKER_KEY, marker, prepare_output
+
 DATA_GROUP = "data"
 META_GROUP = "meta"
 EPISODE_ENDS = "episode_ends"
@@ -161,7 +163,8 @@ def _create_data_array(
 
 
 def _new_root(store: LocalStore | MemoryStore) -> zarr.Group:
-    root = zarr.open_group(store, mode="w", zarr_format=3)
+    # The marker is in the group's first metadata write: a half-written buffer is ours too.
+    root = zarr.open_group(store, mode="w", zarr_format=3, attributes={MARKER_KEY: marker()})
     root.create_group(DATA_GROUP)
     root.create_group(META_GROUP).create_array(
         EPISODE_ENDS, shape=(0,), dtype=np.int64, chunks=(_CHUNK_MAX_STEPS,)
@@ -329,13 +332,16 @@ class ReplayBuffer:
 
     @classmethod
     def create(cls, path: str | Path | None = None, overwrite: bool = False) -> ReplayBuffer:
-        """An empty zarr v3 buffer at `path`, or in memory when `path` is None."""
+        """An empty zarr v3 buffer at `path`, or in memory when `path` is None. `overwrite`
+        replaces only a buffer this package wrote
+        (:func:`~cm_policy.data.outputs.prepare_output`)."""
         if path is None:
             return cls({}, np.zeros(0, np.int64), root=_new_root(MemoryStore()))
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        return cls({}, np.zeros(0, np.int64), root=_new_root(LocalStore(path)), path=path)
+        target = prepare_output(path, overwrite)
+        if target.exists():
+            shutil.rmtree(target)  # a buffer of ours, which overwrite replaces
+        return cls({}, np.zeros(0, np.int64), root=_new_root(LocalStore(target)), path=path)
 
     @classmethod
     def open(
@@ -366,12 +372,12 @@ class ReplayBuffer:
         return cls(data, source.episode_ends, path=Path(path))
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write a zarr v3 copy to `path`, via a temporary directory renamed into place."""
-        path = Path(path).resolve()
-        if self._path is not None and self._root is not None and path == self._path.resolve():
-            raise ValueError(f"cannot save a buffer onto the path it is open from ({path})")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        """Write a zarr v3 copy to `path`, via a temporary directory renamed into place.
+        `overwrite` replaces only a buffer this package wrote, never the one this buffer reads
+        from (:func:`~cm_policy.data.outputs.prepare_output`)."""
+        # A buffer on zarr reads its arrays from its path while it is copied: its source.
+        sources = [self._path] if self._path is not None and self._root is not None else []
+        path = prepare_output(path, overwrite, sources=sources)
         with atomic_directory(path) as tmp:
             root = _new_root(LocalStore(tmp))
             for key, src in self._data.items():

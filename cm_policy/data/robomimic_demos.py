@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cm_policy.data.outputs import MARKER_KEY, OutputError, marker, prepare_output
 from cm_policy.data.robomimic_hdf5 import RobomimicWriter, convert_to_zarr
 from cm_policy.envs.robomimic_experts import expert_episodes
 from cm_policy.envs.robosuite_env import TASKS, default_env_meta
@@ -47,7 +48,8 @@ def generate_robomimic_dataset(
     the attributes ``recovery_kind`` and ``recorded_from`` (unrecorded steps before their first
     state); every demo records its initial state's ``seed``. With ``convert`` the demos are also
     written as a zarr ReplayBuffer beside it (``out`` with the suffix ``.zarr``) for training.
-    Returns the attempt statistics, also stored in ``<out>.json``.
+    Returns the attempt statistics, also stored in ``<out>.json``. ``overwrite`` replaces only
+    outputs this package wrote (:func:`~cm_policy.data.outputs.prepare_output`).
     """
     if task not in TASKS:
         raise ValueError(f"unknown robomimic task {task!r}; expected one of {sorted(TASKS)}")
@@ -55,9 +57,17 @@ def generate_robomimic_dataset(
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
     out = Path(out)
     zarr_out = out.with_suffix(".zarr")
-    for path in (out, zarr_out) if convert else (out,):
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; remove it or pass overwrite=True")
+    stats_out = out.with_suffix(".json")
+    if out.suffix in (".zarr", ".json"):
+        raise OutputError(
+            f"out={out} ends in {out.suffix}, like the outputs written beside it "
+            f"({zarr_out.name}, {stats_out.name}): name the HDF5 file out=...hdf5"
+        )
+    # Every output is checked before the first attempt, not after an hour of demos.
+    prepare_output(out, overwrite, kind="hdf5")
+    if convert:
+        prepare_output(zarr_out, overwrite, sources=[out])
+    prepare_output(stats_out, overwrite, kind="json")
     started = time.perf_counter()
     limit = MAX_ATTEMPTS_PER_EPISODE * n_episodes
     attempts, lengths = 0, []
@@ -124,7 +134,7 @@ def generate_robomimic_dataset(
     if convert:
         convert_to_zarr(out, zarr_out, image=images, overwrite=overwrite, progress=progress)
         stats["zarr"] = str(zarr_out)
-    out.with_suffix(".json").write_text(json.dumps(stats, indent=2))
+    stats_out.write_text(json.dumps({**stats, MARKER_KEY: marker()}, indent=2))
     print(
         f"wrote {len(lengths)} {task} demos ({sum(lengths)} steps) to {out}"
         + (f" and {zarr_out}" if convert else "")

@@ -30,6 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cm_policy.data.outputs import MARKER_KEY, hdf5_marker, prepare_output
 from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer, atomic_directory
 
 DATA_GROUP = "data"
@@ -55,12 +56,14 @@ class RobomimicWriter:
 
     >>> with RobomimicWriter("lift.hdf5", env_meta) as writer:
     ...     writer.add_demo(states, actions, obs, next_obs)
+
+    ``overwrite`` replaces only an HDF5 file this package wrote (its root attribute
+    ``written_by``, :func:`~cm_policy.data.outputs.prepare_output`).
     """
 
     def __init__(self, path: str | Path, env_meta: Mapping[str, Any], overwrite: bool = False):
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists; remove it or pass overwrite=True")
+        prepare_output(self.path, overwrite, kind="hdf5")
         for key in ("env_name", "env_kwargs"):
             if key not in env_meta:
                 raise ValueError(
@@ -69,6 +72,7 @@ class RobomimicWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _tmp_path(self.path)
         self._file = h5py.File(self._tmp, "w")
+        self._file.attrs[MARKER_KEY] = hdf5_marker()
         self._data = self._file.create_group(DATA_GROUP)
         self._data.attrs[ENV_ARGS_ATTR] = json.dumps(dict(env_meta))
         self._total = 0
@@ -378,6 +382,8 @@ def convert_to_zarr(
     for delta datasets). The dataset's env metadata is kept in ``<out>/env_args.json``.
     Several files (e.g. clean and recovery demonstrations of one task) are written one after
     the other into one buffer; their env metadata must agree (``filter_key`` applies to each).
+    ``overwrite`` replaces only a buffer this package wrote, never a source
+    (:func:`~cm_policy.data.outputs.prepare_output`).
     """
     from tqdm import tqdm
 
@@ -389,12 +395,11 @@ def convert_to_zarr(
     )
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; remove it or pass overwrite=True")
     keys = list(LOW_DIM_KEYS) + (list(IMAGE_KEYS) if image else [])
     sources = [hdf5_path] if isinstance(hdf5_path, (str, Path)) else list(hdf5_path)
     if not sources:
         raise ValueError("convert_to_zarr needs at least one HDF5 file")
+    prepare_output(out, overwrite, sources=sources)
     started = time.perf_counter()
     datasets: list[RobomimicDataset] = []
     try:

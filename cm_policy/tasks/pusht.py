@@ -65,4 +65,5 @@ class PushT(Task):
             workers=opts["workers"],
             images=opts["images"],
             goals=cls.demo_goals,
+            overwrite=opts["overwrite"],
         )

@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 
 from cm_policy.data.formats import DataFormat
+from cm_policy.data.outputs import OutputExistsError as OutputExistsError  # re-exported
+from cm_policy.data.outputs import prepare_output
 from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer, atomic_directory
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -650,10 +652,6 @@ class _VideoReader:
 
 
 # --- conversion -----------------------------------------------------------------------------
-class OutputExistsError(FileExistsError, ValueError):
-    """The output exists and overwrite was not asked for (a ValueError too: a user's error)."""
-
-
 def _provenance(source: LeRobotSource, features: Sequence[Feature]) -> dict[str, Any]:
     return {
         "source": str(source.root.resolve()),
@@ -681,16 +679,17 @@ def convert_lerobot(
     ``resize``: ``(H, W)`` or ``"H,W"`` for every camera feature. Several sources (one robot's
     datasets) go one after the other into one buffer; they need the same fps and features.
     Returns a summary (sources, versions, episodes, steps, keys and their shapes, wall time).
+    ``overwrite`` replaces only a buffer this package wrote, never a source
+    (:func:`~cm_policy.data.outputs.prepare_output`: OutputError, OutputExistsError).
     """
     from tqdm import tqdm
 
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; remove it or pass overwrite=true")
     roots = [sources] if isinstance(sources, (str, Path)) else list(sources)
     if not roots:
         raise ValueError("convert_lerobot needs at least one LeRobotDataset folder")
+    prepare_output(out, overwrite, sources=roots)
     if isinstance(keys, str):
         keys = [k.strip() for k in keys.split(",") if k.strip()] or None
     size = parse_resize(resize)
