@@ -15,7 +15,6 @@ from cm_policy.methods import METHODS, make_method, method_defaults
 from cm_policy.models.unet import ConditionalUnet1D
 
 HORIZON, ACT, COND = 8, 2, 6
-EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
 # Settings beside a method's YAML defaults that get their own runs here: name -> (method,
 # hyper-parameters that replace the YAML's). Every registered method is tested with its YAML's
 # defaults without being listed (VARIANTS), so a new method needs no edit of this file.

@@ -684,6 +684,14 @@ def against_reference(
                 f"{ds:+.3f} +- {hs:.3f} | {dp:+.3f} [{lp:+.3f}, {hp:+.3f}] | "
                 f"{reading(ds - hs, ds + hs)}, {reading(lp, hp)} | {seeds}; {ref_seeds} |"
             )
+    return without_empty_table(lines, f"No entry and `{ref}` share a mark yet.")
+
+
+def without_empty_table(lines: list[str], instead: str) -> list[str]:
+    """``lines`` ending in a table's header and rule with no row: the sentence ``instead`` in
+    place of the empty table."""
+    if lines[-1].startswith("|---"):
+        return [*lines[:-2], instead]
     return lines
 
 
@@ -723,7 +731,7 @@ def changes_between_marks(
                 f"{dp:+.3f} [{lp:+.3f}, {hp:+.3f}] | "
                 f"{word[reading(ds - hs, ds + hs)]}, {word[reading(lp, hp)]} |"
             )
-    return lines
+    return without_empty_table(lines, "No entry has two consecutive marks with the same seeds yet.")
 
 
 def stability_lines(plan: Plan, caches: dict, costs: dict[str, float]) -> list[str]:
@@ -772,6 +780,7 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.4), squeeze=False)
     for i, (name, pts) in enumerate(sorted(curves.items())):
@@ -800,6 +809,8 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
                 if (col == 0) == (plan.unit == "min"):
                     ax.set_xticks(plan.marks, [f"{m:g}" for m in plan.marks])
                     ax.minorticks_off()
+                else:  # plain numbers, not powers of 2
+                    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.set_title(f"{title}: pooled (line, 95% band) and each seed (open)")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
@@ -893,21 +904,20 @@ def write_report(
                     f"{p['n']} | {p['score']:.3f} +- {p['score_half']:.3f} | "
                     f"{p['success']:.3f} [{lo:.3f}, {hi:.3f}] | {each} |{rates}"
                 )
-                if len(entries) == len(r.seeds):
-                    curves.setdefault(f"{r.name} {label}", []).append(
-                        {
-                            "minutes": step * costs[r.name] / 60,
-                            "step": step,
-                            "score": p["score"],
-                            "score_band": (
-                                p["score"] - p["score_half"],
-                                p["score"] + p["score_half"],
-                            ),
-                            "success": p["success"],
-                            "ci": (lo, hi),
-                            "seeds": [(e["mean_score"], e["success_rate"]) for e in entries],
-                        }
-                    )
+                curves.setdefault(f"{r.name} {label}", []).append(
+                    {
+                        "minutes": step * costs[r.name] / 60,
+                        "step": step,
+                        "score": p["score"],
+                        "score_band": (
+                            p["score"] - p["score_half"],
+                            p["score"] + p["score_half"],
+                        ),
+                        "success": p["success"],
+                        "ci": (lo, hi),
+                        "seeds": [(e["mean_score"], e["success_rate"]) for e in entries],
+                    }
+                )
                 cell = f"{p['score']:.3f} +- {p['score_half']:.3f} / {p['success']:.2f}"
                 if len(entries) < len(r.seeds):
                     cell += f" ({len(entries)}/{len(r.seeds)} seeds)"
