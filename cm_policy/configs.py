@@ -27,11 +27,45 @@ def config_dir() -> Path:
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config ``config_name`` with Hydra ``key=value`` overrides."""
+    """The resolved config ``config_name`` with Hydra ``key=value`` overrides.
+
+    ``key={...}`` on a field that holds a mapping (e.g. a task's ``low_dim``) REPLACES that
+    mapping, as it reads: Hydra itself would merge the two, keeping keys the user left out and
+    refusing new ones. Such an override becomes ``~key +key={...}`` when the field exists.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    overrides = list(overrides)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        mappings = [o for o in overrides if _mapping_assignment(o)]
+        if mappings:
+            rest = [o for o in overrides if o not in mappings]
+            base = hydra_compose(config_name=config_name, overrides=rest)
+            overrides = rest + [
+                part
+                for o in mappings
+                for part in (
+                    [f"~{_key(o)}", f"+{o}"]
+                    if isinstance(OmegaConf.select(base, _key(o)), DictConfig)
+                    else [o]
+                )
+            ]
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0]
+
+
+def _mapping_assignment(override: str) -> bool:
+    """``key={...}``: a plain assignment (no +, ~ or @ package) of a mapping literal."""
+    key, sep, value = override.partition("=")
+    return (
+        bool(sep)
+        and value.lstrip().startswith("{")
+        and not key.startswith(("+", "~"))
+        and "@" not in key
+    )

@@ -134,3 +134,19 @@ def test_every_generator_and_converter_has_its_options_config_and_back():
     assert generate == {name for name, cls in task_types().items() if has(cls, "generate")}
     converters = {name for name, cls in task_types().items() if has(cls, "convert")}
     assert convert == converters | set(data_formats())
+
+
+def test_a_mapping_on_the_command_line_replaces_the_task_s_mapping():
+    """``task.low_dim={...}`` (the form the docs show) replaces the YAML's mapping: no stale key
+    of PushT's survives, new keys are taken; Hydra alone merges (and refuses new keys)."""
+    from cm_policy.configs import compose
+
+    cfg = compose("config", ["task=lerobot_pusht", "task.low_dim={joint_pos:6,gripper:1}"])
+    assert dict(cfg.task.low_dim) == {"joint_pos": 6, "gripper": 1}
+    cfg = compose("config", ["task=lerobot_pusht", "task.low_dim={observation_state:2}"])
+    assert dict(cfg.task.low_dim) == {"observation_state": 2}
+    # The explicit Hydra form still works, and a mapping for a new field is added as before.
+    cfg = compose("config", ["task=lerobot_pusht", "~task.low_dim", "+task.low_dim={a:3}"])
+    assert dict(cfg.task.low_dim) == {"a": 3}
+    cfg = compose("config", ["task=lerobot_pusht", "+task.extra={b:1}"])
+    assert dict(cfg.task.extra) == {"b": 1}
