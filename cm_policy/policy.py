@@ -53,6 +53,10 @@ class Policy(nn.Module):
                 crop=int(model.get("crop", 84)),
                 widths=model.get("resnet_widths", (64, 128, 256, 512)),
             )
+            shape = task.get("image_shape")
+            if shape:  # refused here, before any training step, when the frames' size is known
+                for key in self.image_keys:
+                    self.obs_encoder.check_crop(key, int(shape[0]), int(shape[1]))
         else:
             self.obs_encoder = LowDimEncoder(self.low_dim, self.n_obs_steps)
         self.net = ConditionalUnet1D(

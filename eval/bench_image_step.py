@@ -41,7 +41,7 @@ SIZES = {
 }
 
 
-def index_crop(self: ImageEncoder, x: torch.Tensor) -> torch.Tensor:
+def index_crop(self: ImageEncoder, x: torch.Tensor, key: str = "") -> torch.Tensor:
     """The training crop by a row and a column index per pixel (the earlier implementation)."""
     h, w = x.shape[-2:]
     c = self.crop

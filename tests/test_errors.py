@@ -350,3 +350,26 @@ def test_ci_does_not_opt_out_of_the_robosuite_tests():
     for script in (REPO / ".ci").iterdir():
         assert "CM_POLICY_SKIP_ROBOSUITE" not in script.read_text(), script
     assert "robosuite==1.5.2" in (REPO / ".ci" / "run").read_text()
+
+
+def test_a_crop_larger_than_the_camera_is_refused_before_training(planner_pusht: Path, tmp_path):
+    """pusht_image's frames are 96x96: model.crop=100 is one line naming the camera and both
+    sizes when the policy is built, not a traceback from inside the first training step."""
+    cfg = compose(
+        "config",
+        [
+            *TINY,
+            "task=pusht_image",
+            f"task.dataset_path={planner_pusht}",
+            "model.crop=100",
+            "training.steps=1",
+            "training.eval_every=null",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"camera 'image': its frames are 96x96, smaller than the "
+        r"crop model.crop=100: set model.crop to at most 96",
+    ):
+        train(cfg)

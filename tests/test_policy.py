@@ -249,14 +249,23 @@ def test_image_crops_are_each_samples_window_and_the_layout_changes_no_value():
     encoder = ImageEncoder(["image"], {"agent_pos": 2}, n_obs_steps=1, crop=4, widths=(8, 8, 8, 8))
     x = torch.arange(6 * 3 * 8 * 8, dtype=torch.float32).reshape(6, 3, 8, 8)
     torch.manual_seed(1)
-    crops = encoder.train()._crop(x)
+    crops = encoder.train()._crop(x, "image")
     torch.manual_seed(1)
     top, left = torch.randint(0, 5, (6,)), torch.randint(0, 5, (6,))
     assert crops.shape == (6, 3, 4, 4)
     assert len(set(zip(top.tolist(), left.tolist(), strict=True))) > 1  # offsets differ
     for i in range(6):
         assert torch.equal(crops[i], x[i, :, top[i] : top[i] + 4, left[i] : left[i] + 4])
-    assert torch.equal(encoder.eval()._crop(x), x[..., 2:6, 2:6])
+    assert torch.equal(encoder.eval()._crop(x, "image"), x[..., 2:6, 2:6])
+    # A crop larger than the frames: one line naming the camera and both sizes, in either mode.
+    small = torch.zeros(2, 3, 3, 8)
+    for mode in (encoder.train(), encoder.eval()):
+        with pytest.raises(
+            ValueError,
+            match=r"camera 'image': its frames are 3x8, smaller than "
+            r"the crop model.crop=4: set model.crop to at most 3",
+        ):
+            mode._crop(small, "image")
     images = torch.randint(0, 256, (2, 1, 8, 8, 3), dtype=torch.uint8)
     obs = {"image": images, "agent_pos": torch.zeros(2, 1, 2)}
     plain = images[:, 0].permute(0, 3, 1, 2)[..., 2:6, 2:6].float().contiguous() / 255.0

@@ -92,9 +92,18 @@ class ImageEncoder(nn.Module):
         per_step = widths[-1] * len(self.image_keys) + sum(low_dim.values())
         self.out_dim = per_step * n_obs_steps
 
-    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+    def check_crop(self, key: str, height: int, width: int) -> None:
+        """A crop larger than a camera's frames is refused, naming the camera and both sizes."""
+        if self.crop > min(height, width):
+            raise ValueError(
+                f"camera {key!r}: its frames are {height}x{width}, smaller than the crop "
+                f"model.crop={self.crop}: set model.crop to at most {min(height, width)}"
+            )
+
+    def _crop(self, x: torch.Tensor, key: str) -> torch.Tensor:
         h, w = x.shape[-2:]
         c = self.crop
+        self.check_crop(key, h, w)
         if self.training:
             n = x.shape[0]
             top = torch.randint(0, h - c + 1, (n,), device=x.device)
@@ -120,7 +129,7 @@ class ImageEncoder(nn.Module):
         feats = []
         for k in self.image_keys:
             # Cropped while still uint8: a quarter fewer pixels to convert and normalise.
-            img = self._crop(obs[k].flatten(0, 1).permute(0, 3, 1, 2)).float() / 255.0
+            img = self._crop(obs[k].flatten(0, 1).permute(0, 3, 1, 2), k).float() / 255.0
             feats.append(self.backbones[k](self._conv_layout(img)).view(batch, steps, -1))
         feats += [obs[k].float() for k in self.low_dim_keys]
         return torch.cat(feats, dim=-1).flatten(1)
