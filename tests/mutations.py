@@ -39,8 +39,8 @@ MUTATIONS = [
     (
         "iSD: t and s swapped in the derivative's evaluations",
         "cm_policy/methods/isd.py",
-        "torch.cat([t + eps, t - eps]),\n                    torch.cat([s, s]),",
-        "torch.cat([s, s]),\n                    torch.cat([t + eps, t - eps]),",
+        "torch.cat([x1, x2]), torch.cat([t1, t2]), torch.cat([s, s]),",
+        "torch.cat([x1, x2]), torch.cat([s, s]), torch.cat([t1, t2]),",
     ),
     (
         "iSD: the stop-gradient removed from v_hat",

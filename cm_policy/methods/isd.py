@@ -94,29 +94,31 @@ class ISD(Method):
             eps = self.fd_eps
             shift = eps * velocity
             if self.derivative == "finite_difference_one_sided":
-                if centre is None and self.batch_passes:
-                    ahead, centre = model(
-                        torch.cat([x + shift, x]),
-                        torch.cat([t + eps, t]),
-                        torch.cat([s, s]),
-                        torch.cat([cond, cond]),
-                    ).chunk(2)
+                if centre is None:
+                    ahead, centre = self._pair(model, x + shift, t + eps, x, t, s, cond)
                 else:
                     ahead = model(x + shift, t + eps, s, cond)
-                    if centre is None:
-                        centre = model(x, t, s, cond)
                 return (ahead - centre.detach()) / eps
-            if self.batch_passes:
-                plus, minus = model(
-                    torch.cat([x + shift, x - shift]),
-                    torch.cat([t + eps, t - eps]),
-                    torch.cat([s, s]),
-                    torch.cat([cond, cond]),
-                ).chunk(2)
-            else:
-                plus = model(x + shift, t + eps, s, cond)
-                minus = model(x - shift, t - eps, s, cond)
+            plus, minus = self._pair(model, x + shift, t + eps, x - shift, t - eps, s, cond)
             return (plus - minus) / (2 * eps)
+
+    def _pair(
+        self,
+        model: nn.Module,
+        x1: torch.Tensor,
+        t1: torch.Tensor,
+        x2: torch.Tensor,
+        t2: torch.Tensor,
+        s: torch.Tensor,
+        cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """F(x1, t1, s) and F(x2, t2, s): one concatenated call, or two with batch_passes off."""
+        if not self.batch_passes:
+            return model(x1, t1, s, cond), model(x2, t2, s, cond)
+        first, second = model(
+            torch.cat([x1, x2]), torch.cat([t1, t2]), torch.cat([s, s]), torch.cat([cond, cond])
+        ).chunk(2)
+        return first, second
 
     def jump_and_derivative(
         self,
