@@ -189,30 +189,25 @@ def apply_changes(raw: dict, changes: Sequence[str], path: Path) -> None:
         if not sep:
             raise SystemExit(f"--set {change!r}: expected FIELD=VALUE or runs.RUN.FIELD=VALUE")
         value = yaml.safe_load(text)
-        if key.endswith("+"):  # FIELD+=[...]: append to a list field (common, a run's overrides)
-            key = key[:-1]
-            value = [*(lookup(raw, key, change, path) or []), *value]
-        parts = key.split(".")
-        if parts[0] == "runs" and len(parts) == 3:
-            runs = {r["name"]: r for r in raw["runs"]}
-            if parts[1] not in runs:
-                raise SystemExit(f"--set {change!r}: {path} has no run {parts[1]!r}: {list(runs)}")
-            runs[parts[1]][parts[2]] = value
-        elif len(parts) == 1 and key != "runs":
-            raw[key] = value
-        else:
-            raise SystemExit(f"--set {change!r}: expected FIELD=VALUE or runs.RUN.FIELD=VALUE")
+        append = key.endswith("+")  # FIELD+=[...]: append to a list (common, a run's overrides)
+        holder, field_name = changed_field(raw, key.removesuffix("+"), change, path)
+        if append:
+            value = [*(holder.get(field_name) or []), *value]
+        holder[field_name] = value
 
 
-def lookup(raw: dict, key: str, change: str, path: Path) -> Any:
-    """The value of ``FIELD`` or ``runs.RUN.FIELD`` in a raw plan."""
+def changed_field(raw: dict, key: str, change: str, path: Path) -> tuple[dict, str]:
+    """The mapping that holds ``FIELD`` (the plan) or ``runs.RUN.FIELD`` (that run), and the
+    field's name."""
     parts = key.split(".")
     if parts[0] == "runs" and len(parts) == 3:
         runs = {r["name"]: r for r in raw["runs"]}
         if parts[1] not in runs:
             raise SystemExit(f"--set {change!r}: {path} has no run {parts[1]!r}: {list(runs)}")
-        return runs[parts[1]].get(parts[2])
-    return raw.get(key)
+        return runs[parts[1]], parts[2]
+    if len(parts) == 1 and key != "runs":
+        return raw, key
+    raise SystemExit(f"--set {change!r}: expected FIELD=VALUE or runs.RUN.FIELD=VALUE")
 
 
 def fitted_steps(plan: Plan, costs: dict[str, float], pairs: int, jobs: int, seconds: float) -> int:
