@@ -34,7 +34,12 @@ Every key=value is a Hydra override of the command's config (config/ in a checko
 cm_policy/_config when installed); the defaults shown are read from those files.
 
 commands:
-  data info PATH                      keys, shapes, episodes and length statistics of a dataset
+  data info PATH                      keys, shapes, episodes and length statistics of a dataset,
+                                      and its task config (PATH/task.yaml, which data convert
+                                      writes: cm-policy train task=PATH/task.yaml trains on it)
+  data verify PATH                    decode every chunk of a dataset and check every chunk file
+                                      against its manifest (CRC32C, size, SHA-256): one line per
+                                      damaged chunk, exit status 2 if any
   data generate TASK [key=value ...]  demonstrations from a task's generator, with the keys of
                                       config/generate/TASK.yaml (their defaults below;
                                       cm-policy data generate TASK -h explains them):
@@ -46,6 +51,7 @@ commands:
 {convert}
   train [task=... method=... model=... key=value ...]
                                       train a policy (Hydra overrides of config/config.yaml);
+                                      task=NAME (config/task) or task=PATH/task.yaml (a file);
                                       data-parallel under torchrun --nproc_per_node=N
   eval checkpoint=PATH [steps=N sampler=KIND noise=random|zero|mean:K n_episodes={eval.n_episodes}
        start_seed={eval.start_seed} n_envs=N n_videos={eval.n_videos} max_steps=N
@@ -56,10 +62,13 @@ commands:
   run [key=value ...]                 the end-to-end job: demos -> train -> eval -> report
   serve checkpoint=PATH | model=FILE.onnx [backend={serve.backend} host={serve.host}
        port={serve.port} max_batch={serve.max_batch} batch_wait_ms={serve.batch_wait_ms}
-       threads={serve.threads} max_infer_steps={serve.max_infer_steps}]
+       threads={serve.threads} max_infer_steps={serve.max_infer_steps} token_file=PATH
+       tls_cert=PEM tls_key=PEM insecure={serve.insecure} max_sessions={serve.max_sessions}
+       max_rate=R]
                                       serve a checkpoint (torch) or an exported model (ONNX
                                       Runtime, no torch) as a WebSocket action server
-                                      (config/serve)
+                                      (config/serve); beyond 127.0.0.1 only with a token
+                                      (token_file or CM_POLICY_SERVE_TOKEN) and TLS
   campaign PLAN [--jobs N --threads N --runs A,B --seeds 0,1 --report-only --costs-only ...]
                                       a comparison plan (eval/plans/*.yaml) at equal training
                                       compute: trains every run to each mark, resumable,
@@ -68,6 +77,9 @@ commands:
        opset={export.opset} exporter={export.exporter}]
                                       the whole predict_action (headline sampler) as one ONNX
                                       graph with its spec in the metadata (config/export)
+  checkpoints RUN                     a run's checkpoints (RUN: a run folder or its checkpoints
+                                      folder): step, time written, size, whether every file
+                                      matches its manifest's SHA-256, which one latest names
 """
 
 
@@ -284,11 +296,21 @@ class LazyUsage:
 def cmd_data(args: list[str]) -> None:
     if args[:1] == ["info"] and len(args) == 2:
         from cm_policy.data.replay_buffer import describe
+        from cm_policy.data.task_file import describe_task
 
         print(describe(args[1]))
+        print(describe_task(args[1]))
+        return
+    if args[:1] == ["verify"] and len(args) == 2:
+        from cm_policy.data.verify import verify_buffer
+
+        report = verify_buffer(args[1])
+        print("\n".join(report.lines()))
+        report.raise_if_damaged()
         return
     synopsis = (
-        "usage: cm-policy data info PATH | cm-policy data generate TASK [k=v ...] | "
+        "usage: cm-policy data info PATH | cm-policy data verify PATH | "
+        "cm-policy data generate TASK [k=v ...] | "
         "cm-policy data convert SOURCE IN [IN2 ...] OUT [k=v ...]; "
         f"TASK in {data_names('generate')}, SOURCE in {data_names('convert')}; "
         "cm-policy data generate [TASK] -h or data convert [SOURCE] -h: the keys and defaults"
@@ -410,7 +432,7 @@ def cmd_run(args: list[str]) -> Path:
 def cmd_serve(args: list[str]) -> None:
     """Serve a checkpoint with torch, or an exported model with ONNX Runtime (imports no
     torch: neither does anything this function imports on that path)."""
-    from cm_policy.serve import server
+    from cm_policy.serve import security, server
     from cm_policy.serve.backend import load_backend
 
     sc = group_config("serve", args)
@@ -419,6 +441,10 @@ def cmd_serve(args: list[str]) -> None:
             "needs checkpoint=PATH (a run, checkpoints or checkpoint folder) or model=FILE.onnx "
             "(an exported policy: cm-policy export)"
         )
+    # Checked before the policy loads: a refusal costs nothing. The token is never printed.
+    token = security.resolve_token(sc.token, sc.token_file)
+    security.check_exposure(sc.host, token, bool(sc.insecure))
+    tls = security.server_ssl_context(sc.tls_cert, sc.tls_key)
     backend = load_backend(
         sc.backend,
         checkpoint=sc.checkpoint,
@@ -429,11 +455,20 @@ def cmd_serve(args: list[str]) -> None:
     )
 
     def announce(host: str, port: int) -> None:
+        ws, http = ("wss", "https") if tls else ("ws", "http")
+        guard = "token required" if token else "no token"
         print(
             f"serving {backend.source} ({backend.describe()}) on "
-            f"ws://{host}:{port}, health at http://{host}:{port}{server.HEALTH_PATH}",
+            f"{ws}://{host}:{port} ({guard}), health at {http}://{host}:{port}"
+            f"{server.HEALTH_PATH}",
             flush=True,
         )
+        if token and not tls and not security.is_loopback(host):
+            print(
+                "warning: the token travels unencrypted: add tls_cert=... tls_key=... (or a TLS "
+                "proxy in front)",
+                flush=True,
+            )
 
     server.run_server(
         backend,
@@ -446,6 +481,10 @@ def cmd_serve(args: list[str]) -> None:
         max_infer_steps=sc.max_infer_steps,
         max_message_bytes=int(sc.max_message_mb * 2**20),
         obs_limit=sc.obs_limit,
+        token=token,
+        max_sessions=sc.max_sessions,
+        max_rate=sc.max_rate,
+        ssl_context=tls,
     )
 
 
@@ -481,6 +520,24 @@ def cmd_export(args: list[str]) -> dict:
         f"{meta['inputs']} -> {meta['output']}; serve it with cm-policy serve model={xc.out}"
     )
     return meta
+
+
+CHECKPOINTS_USAGE = "usage: cm-policy checkpoints RUN (a run folder or its checkpoints folder)"
+
+
+def cmd_checkpoints(args: list[str]) -> str:
+    """List a run's checkpoints, each checked against its manifest (:mod:`cm_policy.checkpoint`);
+    returns what it prints."""
+    from cm_policy.checkpoint import describe_checkpoints
+
+    if args[:1] and args[0] in HELP_FLAGS:
+        print(CHECKPOINTS_USAGE.removeprefix("usage: "))
+        return ""
+    if len(args) != 1:
+        raise UsageError(f"{CHECKPOINTS_USAGE}, got {args}")
+    text = describe_checkpoints(args[0])
+    print(text)
+    return text
 
 
 DEBUG_ENV = "CM_POLICY_DEBUG"
@@ -542,14 +599,57 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+def check_command(argv: Sequence[str]) -> None:
+    """Read a command line (without the program name) as :func:`run_command` would, without
+    running it: an unknown command, config group, key, option or data source raises as it would
+    there (a UsageError, a Hydra error, SystemExit from an option parser). Paths are not opened,
+    except a task file given by its path and a campaign's plan, which the command reads first."""
+    argv = list(argv)
+    if argv[:1] == ["--debug"]:
+        argv = argv[1:]
+    if not argv or argv[0] in HELP_FLAGS:
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}; expected one of {list(COMMANDS)}")
+    if command == "campaign":
+        from cm_policy.experiments.campaign import parse
+
+        parse(rest)
+    elif any(a in HELP_FLAGS for a in rest):
+        return
+    elif command == "checkpoints":
+        if len(rest) != 1:
+            raise UsageError(f"{CHECKPOINTS_USAGE}, got {rest}")
+    elif command == "train":
+        compose("config", rest)
+    elif command == "run":
+        compose("quickstart", rest)
+    elif command in ("eval", "serve", "export"):
+        group_config(command, rest)
+    elif rest[:1] in (["info"], ["verify"]):
+        if len(rest) != 2:
+            raise UsageError(f"usage: cm-policy data {rest[0]} PATH, got {' '.join(rest)!r}")
+    else:
+        if not rest or rest[0] not in DATA_COMMANDS or len(rest) < 2:
+            raise UsageError(f"not a cm-policy data command: {' '.join(rest)!r}")
+        kind, name, more = rest[0], rest[1], rest[2:]
+        paths = [a for a in more if "=" not in a]
+        if (kind == "generate" and paths) or (kind == "convert" and len(paths) < 2):
+            want = "no paths" if kind == "generate" else "IN [IN2 ...] OUT"
+            raise UsageError(f"cm-policy data {kind} {name} takes {want}, got {paths}")
+        data_options(kind, name, [a for a in more if "=" in a])
+
+
+COMMANDS = ("data", "train", "eval", "run", "serve", "export", "campaign", "checkpoints")
+
+
 def run_command(argv: list[str]) -> Any:
     """Run a command line (without the program name); returns what the command returns (a run
     folder, metrics), errors raised as they are."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     parser = argparse.ArgumentParser(prog="cm-policy", usage=LazyUsage(), add_help=True)
-    parser.add_argument(
-        "command", choices=["data", "train", "eval", "run", "serve", "export", "campaign"]
-    )
+    parser.add_argument("command", choices=COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return
@@ -563,6 +663,7 @@ def run_command(argv: list[str]) -> Any:
         "serve": cmd_serve,
         "export": cmd_export,
         "campaign": cmd_campaign,
+        "checkpoints": cmd_checkpoints,
     }
     return commands[command](rest)
 

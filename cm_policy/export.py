@@ -206,7 +206,7 @@ def export_metadata(
     task = policy.spec["task"]
     observations = {k: {"shape": [d], "dtype": LOW_DIM_DTYPE} for k, d in policy.low_dim.items()}
     observations.update(
-        {k: {"shape": list(task["image_shape"]), "dtype": IMAGE_DTYPE} for k in policy.image_keys}
+        {k: {"shape": list(s), "dtype": IMAGE_DTYPE} for k, s in policy.image_shapes.items()}
     )
     normalizer = {}
     for key in [*policy.low_dim, "action"]:
@@ -241,12 +241,9 @@ def example_inputs(policy: Policy, batch: int = 2, seed: int = 0) -> tuple[torch
     inputs = [
         torch.rand(batch, policy.n_obs_steps, d, generator=gen) for d in policy.low_dim.values()
     ]
-    image_shape = tuple(policy.spec["task"].get("image_shape", ()))
     inputs += [
-        torch.randint(0, 256, (batch, policy.n_obs_steps, *image_shape), generator=gen).to(
-            torch.uint8
-        )
-        for _ in policy.image_keys
+        torch.randint(0, 256, (batch, policy.n_obs_steps, *shape), generator=gen).to(torch.uint8)
+        for shape in policy.image_shapes.values()
     ]
     inputs.append(torch.randn(batch, policy.horizon, policy.action_dim, generator=gen))
     return tuple(inputs)

@@ -35,6 +35,49 @@ class ActionRefused(ValueError):
         self.reasons, self.actions = reasons, actions
 
 
+def camera_shapes(task: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """Each camera's frame shape (height, width, 3) from a task spec's ``image_keys`` and
+    ``image_shape``: a mapping camera -> shape, or one shape for every camera (the simulated
+    tasks' configs and checkpoints written before cameras had shapes of their own)."""
+    keys = [str(k) for k in task.get("image_keys") or []]
+    if not keys:
+        return {}
+    declared = task.get("image_shape")
+    name = task.get("name", "?")
+    if not declared:
+        raise ValueError(
+            f"task {name!r} has cameras {keys} but no image_shape: expected a shape "
+            "[height, width, 3] per camera, e.g. task.image_shape={"
+            + ",".join(f"{k}:[96,96,3]" for k in keys)
+            + "}"
+        )
+    if isinstance(declared, Mapping):
+        missing = [k for k in keys if k not in declared]
+        extra = [str(k) for k in declared if k not in keys]
+        if missing or extra:
+            raise ValueError(
+                f"task {name!r}: image_shape must name exactly the cameras {keys}; "
+                f"missing {missing}, not a camera {extra}"
+            )
+        shapes = {k: declared[k] for k in keys}
+    else:
+        shapes = {k: declared for k in keys}
+    out = {}
+    for key, shape in shapes.items():
+        dims = tuple(shape) if isinstance(shape, list | tuple) else ()
+        if len(dims) != 3 or dims[2] != 3 or not all(_positive_int(d) for d in dims):
+            raise ValueError(
+                f"task {name!r}: image_shape of camera {key!r} must be [height, width, 3], "
+                f"got {shape!r}"
+            )
+        out[key] = (int(dims[0]), int(dims[1]), 3)
+    return out
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
+
+
 def check_obs(
     obs: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], n_obs_steps: int
 ) -> None:

@@ -13,16 +13,23 @@ from torch import nn
 from cm_policy.data.normalizer import LinearNormalizer
 from cm_policy.methods import Method, make_method
 from cm_policy.methods.base import Generators
-from cm_policy.models.encoders import ImageEncoder, LowDimEncoder
+from cm_policy.models.encoders import DEFAULT_CROP, ImageEncoder, LowDimEncoder
 from cm_policy.models.unet import ConditionalUnet1D
-from cm_policy.observations import ActionRefused, check_obs, check_obs_limit, refusal_reasons
+from cm_policy.observations import (
+    ActionRefused,
+    camera_shapes,
+    check_obs,
+    check_obs_limit,
+    refusal_reasons,
+)
 
 
 class Policy(nn.Module):
     """Maps the last ``n_obs_steps`` raw observations to ``n_action_steps`` raw actions.
 
     ``spec`` is a plain dict (the ``policy`` part of a resolved config): ``task`` (``low_dim``
-    {key: dim}, ``image_keys``, ``image_shape``, ``action_dim``), ``horizon``, ``n_obs_steps``,
+    {key: dim}, ``image_keys``, ``image_shape`` {camera: [H, W, 3]} or one shape for all,
+    ``action_dim``), ``horizon``, ``n_obs_steps``,
     ``n_action_steps``, ``model`` and ``method`` settings. It is saved beside the weights, so a
     checkpoint rebuilds its policy without the training config.
     """
@@ -45,18 +52,17 @@ class Policy(nn.Module):
             )
         self.set_n_action_steps(self.n_action_steps)
         self.obs_limit: float | None = None
+        # Each camera's frame shape (every checkpoint's spec carries them; training takes them
+        # from the data): the encoder's crops and the checks of observations follow them.
+        self.image_shapes = camera_shapes(task)
         if self.image_keys:
             self.obs_encoder: nn.Module = ImageEncoder(
-                self.image_keys,
+                self.image_shapes,
                 self.low_dim,
                 self.n_obs_steps,
-                crop=int(model.get("crop", 84)),
+                crop=model.get("crop", DEFAULT_CROP),
                 widths=model.get("resnet_widths", (64, 128, 256, 512)),
             )
-            shape = task.get("image_shape")
-            if shape:  # refused here, before any training step, when the frames' size is known
-                for key in self.image_keys:
-                    self.obs_encoder.check_crop(key, int(shape[0]), int(shape[1]))
         else:
             self.obs_encoder = LowDimEncoder(self.low_dim, self.n_obs_steps)
         self.net = ConditionalUnet1D(
@@ -102,7 +108,7 @@ class Policy(nn.Module):
     def check_obs(self, obs: Mapping[str, Any]) -> None:
         """Raise a ValueError naming what was expected when ``obs`` does not fit this policy."""
         expected = {k: (d,) for k, d in self.low_dim.items()}
-        expected.update({k: tuple(self.spec["task"]["image_shape"]) for k in self.image_keys})
+        expected.update(self.image_shapes)
         check_obs(obs, expected, self.n_obs_steps)
 
     @torch.no_grad()

@@ -95,7 +95,7 @@ def median_ms(values: list[float]) -> float:
 
 def build(cfg, device: torch.device, data: TrainingData) -> Policy:
     torch.manual_seed(0)
-    return Policy(policy_spec(cfg), fit_normalizer(cfg, data).to(device)).to(device).eval()
+    return Policy(policy_spec(cfg, data), fit_normalizer(cfg, data).to(device)).to(device).eval()
 
 
 def latency(policy: Policy, device: torch.device, batch: int, args) -> dict[str, float]:
@@ -137,7 +137,9 @@ def training(cfg, device: torch.device, data: TrainingData, args) -> dict[str, f
             "config", [f"method={name}", f"model={args.model}", f"task={args.task}"]
         )
         torch.manual_seed(0)
-        policy = Policy(policy_spec(method_cfg), fit_normalizer(cfg, data).to(device)).to(device)
+        policy = Policy(policy_spec(method_cfg, data), fit_normalizer(cfg, data).to(device)).to(
+            device
+        )
         policy.method.set_progress(0, 1000)
         if args.compile:
             policy.net.compile()

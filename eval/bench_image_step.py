@@ -44,14 +44,14 @@ SIZES = {
 def index_crop(self: ImageEncoder, x: torch.Tensor, key: str = "") -> torch.Tensor:
     """The training crop by a row and a column index per pixel (the earlier implementation)."""
     h, w = x.shape[-2:]
-    c = self.crop
+    ch, cw = self.crops[key]
     if not self.training:
-        top, left = (h - c) // 2, (w - c) // 2
-        return x[..., top : top + c, left : left + c]
-    top = torch.randint(0, h - c + 1, (x.shape[0],))
-    left = torch.randint(0, w - c + 1, (x.shape[0],))
-    rows = (top[:, None] + torch.arange(c))[:, None, :, None]
-    cols = (left[:, None] + torch.arange(c))[:, None, None, :]
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return x[..., top : top + ch, left : left + cw]
+    top = torch.randint(0, h - ch + 1, (x.shape[0],))
+    left = torch.randint(0, w - cw + 1, (x.shape[0],))
+    rows = (top[:, None] + torch.arange(ch))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(cw))[:, None, None, :]
     batch = torch.arange(x.shape[0])[:, None, None, None]
     chan = torch.arange(x.shape[1])[None, :, None, None]
     return x[batch, chan, rows, cols]
@@ -92,7 +92,7 @@ def main() -> None:
     )
     data = TrainingData(cfg)
     torch.manual_seed(0)
-    policy = Policy(policy_spec(cfg), fit_normalizer(cfg, data))
+    policy = Policy(policy_spec(cfg, data), fit_normalizer(cfg, data))
     policy.method.set_progress(0, 1000)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tiny_config import TINY_CAMPAIGN
 
 from cm_policy.experiments import campaign, score_bins
 
@@ -26,15 +27,7 @@ def test_campaign_trains_to_marks_evaluates_and_resumes(planner_pusht: Path, tmp
         "task": "pusht_keypoints",
         "dataset": str(planner_pusht),
         "results": str(results),
-        "common": [
-            "model=unet_tiny",
-            "model.down_dims=[16,32]",
-            "model.time_embed_dim=16",
-            "training.batch_size=8",
-            "training.warmup_steps=1",
-            "training.log_every=1",
-            "training.lr_schedule=constant",  # the anytime schedule: marks can be appended
-        ],
+        "common": list(TINY_CAMPAIGN),
         "marks_min": [0.01, 0.03],
         "grain": 2,
         "episodes_per_seed": 2,
@@ -378,6 +371,16 @@ def test_score_bins_split_what_the_mean_score_lacks(
             assert zero == (0 if score else n) and stalled == 0
 
 
+def seed_entry(score: float, success: float) -> dict:
+    """One seed's evaluation at a mark: 250 episodes, a mean_score interval of +-0.02."""
+    return {
+        "n_episodes": 250,
+        "mean_score": score,
+        "mean_score_ci95": [score - 0.02, score + 0.02],
+        "success_rate": success,
+    }
+
+
 def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: Path):
     """An equal-steps plan (marks_steps): every run's marks are the same steps; the report reads
     each entry's change from one mark to the next (rising / flat / falling), shows each seed, and
@@ -395,14 +398,6 @@ def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: 
     loaded = campaign.Plan.load(plan_file)
     assert campaign.mark_steps(loaded, 1.0) == campaign.mark_steps(loaded, 7.0) == [100, 200, 300]
 
-    def entry(score: float, success: float) -> dict:
-        return {
-            "n_episodes": 250,
-            "mean_score": score,
-            "mean_score_ci95": [score - 0.02, score + 0.02],
-            "success_rate": success,
-        }
-
     train = {
         "steps": [0, 100],
         "logged_steps": 100,
@@ -417,7 +412,7 @@ def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: 
     scores = {100: (0.5, 0.3), 200: (0.8, 0.3), 300: (0.79, 0.1)}
     for seed in (0, 1):
         marks = {
-            str(k): {"minutes": k / 60, "entries": {"1": entry(*v)}, "train": train}
+            str(k): {"minutes": k / 60, "entries": {"1": seed_entry(*v)}, "train": train}
             for k, v in scores.items()
         }
         campaign.write_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {"marks": marks})
@@ -441,6 +436,82 @@ def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: 
     plan_file.write_text(yaml.safe_dump({**plan, "marks_min": [10]}))
     with pytest.raises(SystemExit, match="either in minutes"):
         campaign.Plan.load(plan_file)
+
+
+def test_report_answers_the_plan_s_questions(tmp_path: Path):
+    """Each question of a plan gets its section: a comparison at every shared mark with its
+    reading, a degradation read from the best mark to the last, the curves flat at their last
+    mark, and the seeds' spread against one seed's episode interval."""
+    plan = report_plan(
+        tmp_path,
+        name="asked",
+        task="pusht_keypoints",
+        marks_min=[],
+        marks_steps=[100, 200, 300],
+        runs=[
+            {"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]},
+            {"name": "naive", "method": "meanflow", "seeds": [0, 1], "samplers": ["1"]},
+            {"name": "base", "method": "ddpm", "seeds": [0, 1], "samplers": ["ddim:10"]},
+        ],
+        questions=[
+            {"ask": "Does gen reach base?", "compare": ["gen 1", "base ddim:10"]},
+            {"ask": "Does naive degrade while gen holds?", "trend": ["naive 1", "gen 1"]},
+            {"ask": "Which curves are flat?", "flat": True},
+            {"ask": "How far apart are the seeds?", "seeds": True},
+        ],
+    )
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    loaded = campaign.Plan.load(plan_file)
+
+    # Per seed (0, 1): gen rises then holds; naive peaks at 200 and falls; base only reaches
+    # 200 and its seeds differ by 0.1 (beyond one seed's half-width 0.02).
+    curves = {
+        ("gen", "1"): {100: (0.80, 0.80), 200: (0.90, 0.90), 300: (0.91, 0.90)},
+        ("naive", "1"): {100: (0.85, 0.85), 200: (0.93, 0.93), 300: (0.85, 0.85)},
+        ("base", "ddim:10"): {100: (0.70, 0.80), 200: (0.85, 0.95)},
+    }
+    for (name, label), marks in curves.items():
+        for seed in (0, 1):
+            cache = {
+                "marks": {
+                    str(k): {"minutes": k / 60, "entries": {label: seed_entry(v[seed], 0.4)}}
+                    for k, v in marks.items()
+                }
+            }
+            campaign.write_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
+    text = campaign.write_report(loaded, {"gen": 1.0, "naive": 1.0, "base": 1.0}, "cmd").read_text()
+    section = text.split("## Does gen reach base?")[1].split("\n## ")[0]
+    # 200 steps: gen 0.90 / 0.90 per seed -> 0.90; base 0.85 / 0.95 -> 0.90: level.
+    assert "- at 100 steps (`gen 1` 2/2 seeds, `base ddim:10` 2/2 seeds): `gen 1` minus " in section
+    assert "mean_score +0.050 +- 0.020 (above)" in section
+    assert "- at 200 steps" in section and "mean_score +0.000 +- 0.020 (level)" in section
+    assert "So far (not every mark or seed is in): at 200 steps, `gen 1` is level with" in section
+    section = text.split("## Does naive degrade while gen holds?")[1].split("\n## ")[0]
+    assert "- `naive 1`: 100 -> 200 rising (+0.080 +- 0.020); 200 -> 300 falling" in section
+    assert "best at 200, then -0.080 +- 0.020 by 300: **degrades**" in section
+    assert (
+        "- `gen 1`: 100 -> 200 rising (+0.100 +- 0.020); 200 -> 300 flat (+0.005 +- 0.020)"
+        in section
+    )
+    assert "Mean_score best at its last mark (300): no degradation" in section
+    section = text.split("## Which curves are flat?")[1].split("\n## ")[0]
+    assert "- flat: `gen 1` (200 -> 300: +0.005 +- 0.020)" in section
+    assert "- still moving: `naive 1` (200 -> 300: -0.080 +- 0.020), `base ddim:10`" in section
+    section = text.split("## How far apart are the seeds?")[1].split("\n## ")[0]
+    assert (
+        "- `base ddim:10` at 200: 0.850, 0.950; spread 0.100 against 0.020 (**beyond**" in section
+    )
+    assert "- `gen 1` at 300: 0.910, 0.900; spread 0.010 against 0.020 (within)" in section
+    # A question naming an entry the plan lacks, or of no known kind, is refused when read.
+    for bad, words in (
+        ({"ask": "x", "compare": ["gen 1", "gen 16"]}, "compare takes two of the plan's entries"),
+        ({"ask": "x", "guess": True}, "expected exactly one of"),
+        ({"compare": ["gen 1", "naive 1"]}, "expected a mapping with 'ask'"),
+    ):
+        plan_file.write_text(yaml.safe_dump({**plan, "questions": [bad]}))
+        with pytest.raises(SystemExit, match=words):
+            campaign.Plan.load(plan_file)
 
 
 def test_plan_fields_change_on_the_command_line_and_steps_fit_a_time(tmp_path: Path):

@@ -88,7 +88,8 @@ def test_arrays_are_compressed_and_chunked_along_time(saved: Path) -> None:
     img, action = buffer["img"], buffer["action"]
     assert img.chunks[1:] == (8, 8, 3) and action.chunks[1:] == (2,)
     assert 64 <= img.chunks[0] <= 4096
-    (codec,) = img.compressors
+    codec, checksum = img.compressors  # the compressor, then the CRC32C of its output
+    assert type(checksum).__name__ == "Crc32cCodec"
     assert codec.cname.value == "zstd" and codec.clevel == 5
     assert codec.shuffle.value == "bitshuffle"
     assert action.compressors[0].shuffle.value == "shuffle"

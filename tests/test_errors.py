@@ -370,6 +370,43 @@ def test_a_crop_larger_than_the_camera_is_refused_before_training(planner_pusht:
     with pytest.raises(
         ValueError,
         match=r"camera 'image': its frames are 96x96, smaller than the "
-        r"crop model.crop=100: set model.crop to at most 96",
+        r"crop model.crop=100 \(100x100\): set model.crop to at most 96",
     ):
         train(cfg)
+
+
+# --- 6. a damaged checkpoint ----------------------------------------------------------------------
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(
+    planner_pusht: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+):
+    """Resuming from (or evaluating) a checkpoint whose weights differ from its manifest is one
+    line: the damaged file, its SHA-256 and the manifest's, and the checkpoints that verify."""
+    monkeypatch.delenv("CM_POLICY_DEBUG", raising=False)
+    args = [
+        *TINY,
+        f"task.dataset_path={planner_pusht}",
+        f"output_dir={tmp_path / 'run'}",
+        "training.steps=4",
+        "training.checkpoint_every=2",
+    ]
+    run = train(compose("config", args))
+    damaged = run / "checkpoints" / "step_0000004" / "ema.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    recorded = json.loads((damaged.parent / "manifest.json").read_text())["files"]
+    capsys.readouterr()  # the training's progress bar
+    for command in (["train", *args, f"resume={run}"], ["eval", f"checkpoint={run}"]):
+        with pytest.raises(SystemExit) as info:
+            main(command)
+        assert info.value.code == 2
+        line = assert_one_line_user_error(
+            capsys.readouterr().err,
+            f"{damaged} is damaged: its SHA-256 is ",
+            f"the manifest records {recorded['ema.safetensors']['sha256']}",
+            "other checkpoints of the run that verify: step_0000002",
+            f"cm-policy checkpoints {run}",
+        )
+        assert line.startswith(f"error: resume={run}: not resuming from damaged weights: ") == (
+            command[0] == "train"
+        )

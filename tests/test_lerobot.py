@@ -59,6 +59,12 @@ SYNTH_FEATURES = {
         "shape": [24, 32, 3],
         "names": ["height", "width", "channel"],
     },
+    # A second camera of its own size: a robot's cameras rarely match.
+    "observation.images.front": {
+        "dtype": "image",
+        "shape": [40, 56, 3],
+        "names": ["height", "width", "channel"],
+    },
 }
 
 
@@ -329,6 +335,102 @@ def test_train_on_a_converted_dataset_from_the_task_config(written: dict, tmp_pa
     policy = load_policy(run)
     obs = {"observation_state": written["pusht"]["state"][None, :2]}
     assert policy.predict_action(obs).shape == (1, 8, 2)
+
+
+def test_the_buffer_holds_its_task_config(written: dict, tmp_path: Path, capsys):
+    """``data convert lerobot`` writes OUT/task.yaml: every feature LeRobot wrote (an int64 one
+    too) at the dataset's fps, the bool and (3, 2) features named in comments as left out;
+    ``data info`` shows that file; ``task=OUT/task.yaml`` composes it."""
+    import yaml
+
+    from cm_policy.configs import compose
+
+    src = _root(written, "synthetic", "v3.0")
+    out = tmp_path / "synthetic.zarr"
+    main(["data", "convert", "lerobot", str(src), str(out)])
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["task_file"] == str(out / "task.yaml")
+    text = (out / "task.yaml").read_text()
+    expected = {
+        "name": "synthetic",
+        "env": "dataset",
+        "dataset_path": ".",
+        "control_hz": 15,
+        "action_dim": 2,
+        "low_dim": {
+            "next_reward": 1,
+            "observation_counts": 2,
+            "observation_state": 6,
+            "observation_velocity": 4,
+        },
+        "image_keys": ["observation_images_front", "observation_images_wrist"],
+        "image_shape": {
+            "observation_images_front": [40, 56, 3],
+            "observation_images_wrist": [24, 32, 3],
+        },
+    }
+    assert yaml.safe_load(text) == expected
+    assert OmegaConf.to_container(OmegaConf.load(out / "task.yaml")) == expected
+    assert type(yaml.safe_load(text)["control_hz"]) is int  # as info.json records it
+    assert "control_hz: 15           # the LeRobotDataset's fps (meta/info.json)" in text
+    assert "  # next_done is left out: dtype bool" in text
+    assert "  # observation_environment_state is left out: (3, 2) per step" in text
+    main(["data", "info", str(out)])
+    described = capsys.readouterr().out
+    assert f"task config ({out / 'task.yaml'}, the buffer's own file" in described
+    assert "it matches the buffer's arrays):\n" + text.rstrip() in described
+    cfg = compose("config", [f"task={out}/task.yaml"])
+    assert (cfg.task.dataset_path, cfg.task.control_hz) == (str(out.resolve()), 15)
+
+
+def test_a_robot_s_dataset_trains_and_serves_from_its_own_task_file(written: dict, tmp_path: Path):
+    """A new user's path, on files LeRobot's writer made (two cameras of their own sizes, one
+    under 84 pixels; dotted names; an int feature; 15 fps): data convert, then train
+    task=OUT/task.yaml with nothing written by hand, then a policy and a server that state each
+    camera's shape and the rate, act on the dataset's own frames and refuse frames of another
+    size naming the key and both shapes."""
+    from tiny_config import TINY
+
+    from cm_policy.checkpoint import load_policy
+    from cm_policy.serve.server import PolicyServer
+
+    out = tmp_path / "robot.zarr"
+    main(["data", "convert", "lerobot", str(_root(written, "synthetic", "v3.0")), str(out)])
+    run = tmp_path / "run"
+    run_command(
+        [
+            "train",
+            f"task={out}/task.yaml",
+            *TINY,
+            "model.resnet_widths=[8,8,8,8]",
+            "training.steps=2",
+            "training.batch_size=4",
+            f"output_dir={run}",
+        ]
+    )
+    policy = load_policy(run)
+    cameras = {"observation_images_front": (40, 56, 3), "observation_images_wrist": (24, 32, 3)}
+    assert policy.image_shapes == cameras
+    assert policy.obs_encoder.crops == {  # the default crop, 0.875 of each side
+        "observation_images_front": (35, 49),
+        "observation_images_wrist": (21, 28),
+    }
+    metadata = PolicyServer(policy).metadata
+    assert metadata["control_hz"] == 15.0
+    for key, shape in cameras.items():
+        assert metadata["observations"][key] == {"shape": list(shape), "dtype": "uint8"}
+    assert metadata["observations"]["observation_counts"]["shape"] == [2]
+    buffer = ReplayBuffer.open(out)
+    obs = {k: np.asarray(buffer[k][:2])[None] for k in metadata["observations"]}
+    actions = policy.predict_action(obs)
+    assert actions.shape == (1, 8, 2) and np.isfinite(actions).all()
+    swapped = {**obs, "observation_images_wrist": obs["observation_images_front"]}
+    with pytest.raises(
+        ValueError,
+        match=r"obs\['observation_images_wrist'\] must have shape \(batch, >=2, 24, 32, 3\), "
+        r"got \(1, 2, 40, 56, 3\)",
+    ):
+        policy.predict_action(swapped)
 
 
 # --- clear errors, nothing half-written ---------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from cm_policy.checkpoint import load_policy, resolve_checkpoint
 from cm_policy.data import LinearNormalizer
 from cm_policy.methods import make_method
-from cm_policy.models.encoders import ImageEncoder
+from cm_policy.models.encoders import ImageEncoder, crop_sizes
 from cm_policy.models.unet import ConditionalUnet1D
 from cm_policy.policy import Policy
 
@@ -246,7 +246,9 @@ def test_image_crops_are_each_samples_window_and_the_layout_changes_no_value():
     """Training: each sample's random c x c window at its drawn offsets; evaluation: the centre.
     The encoder's output is that of the same network on plain (N, C, H, W) float images."""
     torch.manual_seed(0)
-    encoder = ImageEncoder(["image"], {"agent_pos": 2}, n_obs_steps=1, crop=4, widths=(8, 8, 8, 8))
+    encoder = ImageEncoder(
+        {"image": (8, 8, 3)}, {"agent_pos": 2}, n_obs_steps=1, crop=4, widths=(8, 8, 8, 8)
+    )
     x = torch.arange(6 * 3 * 8 * 8, dtype=torch.float32).reshape(6, 3, 8, 8)
     torch.manual_seed(1)
     crops = encoder.train()._crop(x, "image")
@@ -257,17 +259,61 @@ def test_image_crops_are_each_samples_window_and_the_layout_changes_no_value():
     for i in range(6):
         assert torch.equal(crops[i], x[i, :, top[i] : top[i] + 4, left[i] : left[i] + 4])
     assert torch.equal(encoder.eval()._crop(x, "image"), x[..., 2:6, 2:6])
-    # A crop larger than the frames: one line naming the camera and both sizes, in either mode.
-    small = torch.zeros(2, 3, 3, 8)
+    # Frames of another size than the camera's: refused in either mode, naming both sizes.
     for mode in (encoder.train(), encoder.eval()):
         with pytest.raises(
-            ValueError,
-            match=r"camera 'image': its frames are 3x8, smaller than "
-            r"the crop model.crop=4: set model.crop to at most 3",
+            ValueError, match="camera 'image': frames of 3x8, this encoder takes 8x8"
         ):
-            mode._crop(small, "image")
+            mode._crop(torch.zeros(2, 3, 3, 8), "image")
     images = torch.randint(0, 256, (2, 1, 8, 8, 3), dtype=torch.uint8)
     obs = {"image": images, "agent_pos": torch.zeros(2, 1, 2)}
     plain = images[:, 0].permute(0, 3, 1, 2)[..., 2:6, 2:6].float().contiguous() / 255.0
     expected = encoder.backbones["image"](plain)
     assert torch.allclose(encoder(obs)[:, :8], expected, atol=1e-5)
+
+
+def test_each_camera_has_its_own_size_and_crop():
+    """Two cameras of different sizes (one smaller than 84): a fraction of each side, pixels,
+    [h, w] and a per-camera mapping give each camera its own window, centred in evaluation and
+    at random offsets within its frames in training; a crop larger than a camera's frames is one
+    line naming the camera and both sizes."""
+    shapes = {"front": (30, 40, 3), "wrist": (12, 20, 3)}
+    assert crop_sizes(0.5, shapes) == {"front": (15, 20), "wrist": (6, 10)}
+    assert crop_sizes(10, shapes) == {"front": (10, 10), "wrist": (10, 10)}
+    assert crop_sizes([12, 18], shapes) == {"front": (12, 18), "wrist": (12, 18)}
+    assert crop_sizes({"front": 0.9, "wrist": [8, 16]}, shapes) == {
+        "front": (27, 36),
+        "wrist": (8, 16),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"camera 'wrist': its frames are 12x20, smaller than the crop model.crop=16 "
+        r"\(16x16\): set model.crop to at most 12",
+    ):
+        crop_sizes(16, shapes)
+    with pytest.raises(
+        ValueError, match=r"model.crop names cameras \['front'\] but not \['wrist'\]"
+    ):
+        crop_sizes({"front": 8}, shapes)
+    for bad in (0, 1.5, -3, [4], "84", True):
+        with pytest.raises(ValueError, match=r"model\.crop for camera 'front' must be pixels"):
+            crop_sizes(bad, {"front": (30, 40, 3)})
+    torch.manual_seed(0)
+    encoder = ImageEncoder(
+        shapes, {}, n_obs_steps=2, crop={"front": 0.5, "wrist": [8, 16]}, widths=(8, 8, 8, 8)
+    )
+    front = torch.arange(5 * 3 * 30 * 40, dtype=torch.float32).reshape(5, 3, 30, 40)
+    assert torch.equal(encoder.eval()._crop(front, "front"), front[..., 7:22, 10:30])
+    wrist = torch.arange(5 * 3 * 12 * 20, dtype=torch.float32).reshape(5, 3, 12, 20)
+    assert torch.equal(encoder.eval()._crop(wrist, "wrist"), wrist[..., 2:10, 2:18])
+    torch.manual_seed(3)
+    crops = encoder.train()._crop(wrist, "wrist")
+    torch.manual_seed(3)
+    top, left = torch.randint(0, 5, (5,)), torch.randint(0, 5, (5,))
+    for i in range(5):
+        assert torch.equal(crops[i], wrist[i, :, top[i] : top[i] + 8, left[i] : left[i] + 16])
+    obs = {
+        "front": torch.randint(0, 256, (3, 2, 30, 40, 3), dtype=torch.uint8),
+        "wrist": torch.randint(0, 256, (3, 2, 12, 20, 3), dtype=torch.uint8),
+    }
+    assert encoder.eval()(obs).shape == (3, encoder.out_dim) == (3, 2 * 2 * 8)

@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from tiny_config import SERVE_SPEC
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
@@ -31,21 +32,7 @@ from cm_policy.serve.launch import healthz, spawn_server, stop_server
 from cm_policy.serve.protocol import decode_response, pack
 from cm_policy.tasks import load_task
 
-SPEC = {
-    "task": {
-        "env": "pusht",
-        "obs_type": "keypoints",
-        "name": "pusht_keypoints",
-        "action_dim": 2,
-        "low_dim": {"keypoints": 20},
-        "image_keys": [],
-    },
-    "horizon": 16,
-    "n_obs_steps": 2,
-    "n_action_steps": 8,
-    "model": {"down_dims": [16, 32], "kernel_size": 3, "n_groups": 4, "time_embed_dim": 16},
-    "method": {"name": "isd"},
-}
+SPEC = SERVE_SPEC
 N_OBS, N_ACT, KEY, DIM = 2, 8, "keypoints", 20
 # Long enough for the micro-batcher to gather the 16 clients' requests on a loaded machine.
 BATCH_WAIT_MS = 20

@@ -8,8 +8,6 @@ under a temporary name, then renamed, so an interrupted run leaves no half datas
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -56,7 +54,8 @@ def generate_pusht_dataset(
             if attempts >= MAX_ATTEMPTS_PER_EPISODE * n_episodes:
                 raise RuntimeError(
                     f"the planner reached success in only {len(lengths)} of {attempts} attempts "
-                    f"(expected {n_episodes} successes within {MAX_ATTEMPTS_PER_EPISODE * n_episodes})"
+                    f"(expected {n_episodes} successes within "
+                    f"{MAX_ATTEMPTS_PER_EPISODE * n_episodes})"
                 )
             batch = n_episodes - len(lengths)
             for episode in generate(
@@ -96,6 +95,7 @@ def generate_pusht_dataset(
             stats["attempts_per_goal"] = [a for a, _ in per_goal]
             stats["episodes_per_goal"] = [n for _, n in per_goal]
         (tmp / "generation.json").write_text(json.dumps(stats, indent=2))
+        buffer.close()  # its manifest, before the folder is renamed into place
     print(
         f"wrote {len(lengths)} episodes ({sum(lengths)} steps) to {out}: "
         f"{stats['attempt_success_rate']:.0%} of {attempts} attempts succeeded, "

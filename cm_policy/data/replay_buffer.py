@@ -1,7 +1,14 @@
 """Episode storage on zarr: time-major arrays under ``data/`` and cumulative ends in ``meta/``.
 
 The layout is that of Diffusion Policy's replay buffers, so its zarr v2 datasets open unchanged;
-new datasets are written as zarr v3 with Blosc/zstd compression.
+new datasets are written as zarr v3 with Blosc/zstd compression and a CRC32C checksum in every
+chunk (zarr's ``crc32c`` codec, after the compressor: a chunk whose stored bytes changed fails to
+decode). A finished buffer also carries ``manifest.json`` (:mod:`cm_policy.data.manifest`): every
+chunk file with its size and SHA-256, which catches what no codec can (a lost chunk file, which
+zarr reads as zeros) and covers zarr v2 arrays, whose format Diffusion Policy's readers must keep
+reading and so gets no checksum codec. Opening a buffer checks its chunk files' presence and
+sizes against the manifest; ``cm-policy data verify`` (:mod:`cm_policy.data.verify`) decodes and
+hashes everything.
 """
 
 from __future__ import annotations
@@ -21,14 +28,27 @@ import numcodecs
 import numpy as np
 import zarr
 import zarr.errors
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import LocalStore, MemoryStore
 
+from cm_policy.data.manifest import (
+    MANIFEST,
+    ManifestError,
+    array_problems,
+    build_manifest,
+    file_problem,
+    has_checksums,
+    read_manifest,
+    remove_manifest,
+    stored_arrays,
+    write_manifest,
+)
 from cm_policy.data.outputs import MARKER_KEY, marker, prepare_output
 
 DATA_GROUP = "data"
 META_GROUP = "meta"
 EPISODE_ENDS = "episode_ends"
+BUFFER_GROUPS = (DATA_GROUP, META_GROUP)
 
 # Chunks of a few MiB keep zstd efficient and random access cheap; the step bounds give roughly
 # 64-150 frames for 96x96 images and a few thousand steps for low-dimensional arrays.
@@ -53,10 +73,30 @@ class DatasetError(ValueError):
 
 
 # What a user can do about a chunk that cannot be decoded: the file itself is damaged.
-_DAMAGED_HINT = (
-    "the dataset is damaged (a corrupted or truncated chunk file): download it again, or "
-    "convert / generate it again from its source (cm-policy data convert / data generate)"
+DAMAGED_HINT = (
+    "the dataset is damaged (a corrupted, truncated or missing chunk file): download it again, "
+    "or convert / generate it again from its source (cm-policy data convert / data generate)"
 )
+
+
+def _verify_hint(where: str) -> str:
+    return f"cm-policy data verify {where} lists every damaged chunk"
+
+
+def _damaged(where: str, key: str, coords: tuple[int, ...], file: str, what: str) -> DatasetError:
+    """The one-line error of a damaged chunk: the array, the chunk, its file, what is wrong."""
+    return DatasetError(
+        f"{where}: {key} chunk {coords}, file {file}: {what}: {DAMAGED_HINT}; {_verify_hint(where)}"
+    )
+
+
+def decode_failure(exc: BaseException) -> str:
+    """What a failed chunk decode means, in one line: a CRC32C that does not match the stored
+    bytes (zarr raises a bare ValueError for it) or the codec's own complaint."""
+    message = " ".join(str(exc).split())
+    if "checksum" in message.lower():
+        return "checksum mismatch (CRC32C: the stored bytes changed)"
+    return f"cannot be decoded ({type(exc).__name__}: {message})"
 
 
 def _raised_by_zarr(exc: BaseException) -> bool:
@@ -109,18 +149,14 @@ def _damaged_chunk_error(
     if found is None:
         return None
     coords, exc = found
-    reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the codec says
-    return DatasetError(
-        f"{where}: {arr.path} chunk {coords} cannot be decompressed ({reason}), file "
-        f"{_chunk_file(arr, coords)}: {_DAMAGED_HINT}"
-    )
+    return _damaged(where, arr.path, coords, _chunk_file(arr, coords), decode_failure(exc))
 
 
 def read_array(arr: ArrayLike, where: str, rows: slice = slice(None)) -> np.ndarray:
     """``arr[rows]`` as a numpy array. A zarr chunk that cannot be decoded (a damaged file,
-    which zarr reports as a bare codec error such as "error during blosc decompression: -1")
-    becomes a DatasetError naming the array, the chunk and its file; ``where`` (the dataset's
-    path) starts the message."""
+    which zarr reports as a bare codec error such as "error during blosc decompression: -1" or
+    a CRC32C's "Stored and computed checksum do not match") becomes a DatasetError naming the
+    array, the chunk and its file; ``where`` (the dataset's path) starts the message."""
     try:
         return np.asarray(arr[rows])
     except MemoryError:
@@ -149,6 +185,15 @@ def _compressor(dtype: np.dtype, zarr_format: int) -> Any:
     return BloscCodec(cname=_BLOSC_CNAME, clevel=_BLOSC_CLEVEL, shuffle=shuffle)
 
 
+def _codecs(dtype: np.dtype, zarr_format: int) -> Any:
+    """The compressor, then (zarr v3) the CRC32C of the compressed bytes. A zarr v2 array (one
+    appended to a Diffusion Policy buffer) keeps that format's readers: no checksum codec, the
+    manifest covers it."""
+    if zarr_format == 2:
+        return _compressor(dtype, zarr_format)
+    return (_compressor(dtype, zarr_format), Crc32cCodec())
+
+
 def _create_data_array(
     group: zarr.Group, key: str, step_shape: tuple[int, ...], dtype: np.dtype, length: int
 ) -> zarr.Array:
@@ -158,7 +203,7 @@ def _create_data_array(
         shape=(length, *step_shape),
         dtype=dtype,
         chunks=(_time_chunk(step_shape, dtype), *step_shape),
-        compressors=_compressor(dtype, zarr_format),
+        compressors=_codecs(dtype, zarr_format),
     )
 
 
@@ -167,7 +212,11 @@ def _new_root(store: LocalStore | MemoryStore) -> zarr.Group:
     root = zarr.open_group(store, mode="w", zarr_format=3, attributes={MARKER_KEY: marker()})
     root.create_group(DATA_GROUP)
     root.create_group(META_GROUP).create_array(
-        EPISODE_ENDS, shape=(0,), dtype=np.int64, chunks=(_CHUNK_MAX_STEPS,)
+        EPISODE_ENDS,
+        shape=(0,),
+        dtype=np.int64,
+        chunks=(_CHUNK_MAX_STEPS,),
+        compressors=_codecs(np.dtype(np.int64), 3),
     )
     return root
 
@@ -280,6 +329,52 @@ def _read_layout(root: zarr.Group, where: str) -> tuple[dict[str, zarr.Array], n
     return data, ends.astype(np.int64)
 
 
+def _buffer_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_manifest(path)
+    except ManifestError as exc:
+        raise DatasetError(
+            f"{exc}: the buffer's record of its chunk files is damaged; cm-policy data verify "
+            f"{path} checks the chunks themselves (removing {MANIFEST} lets the buffer be read "
+            "without the record)"
+        ) from None
+
+
+def _check_chunk_files(path: Path, manifest: Mapping[str, Any], arrays: set[str] | None) -> None:
+    """Every chunk file the manifest records (of ``arrays``, default all) is there at its
+    recorded size: one stat per file, cheap enough for every open (data verify hashes them)."""
+    problems = [
+        (relative, record, what)
+        for relative, record in manifest["files"].items()
+        if arrays is None or record["array"] in arrays
+        if (what := file_problem(path, relative, record, hashed=False))
+    ]
+    if problems:
+        relative, record, what = problems[0]
+        if len(problems) > 1:
+            what += f" (and {len(problems) - 1} more damaged chunk file(s))"
+        raise _damaged(str(path), record["array"], record["chunk"], str(path / relative), what)
+
+
+def _check_layout(
+    path: Path, manifest: Mapping[str, Any], arrays: Mapping[str, zarr.Array], ends: np.ndarray
+) -> None:
+    """The arrays (shape, dtype, chunks) and episode ends are those the manifest records."""
+    problems = array_problems(manifest, arrays, every=False)
+    if [int(e) for e in manifest["episode_ends"]] != ends.tolist():
+        problems.append(
+            f"meta/{EPISODE_ENDS}: {len(ends)} episodes, {int(ends[-1]) if ends.size else 0} "
+            f"steps, the manifest records {manifest.get('episodes')} episodes, "
+            f"{manifest.get('steps')} steps"
+        )
+    if problems:
+        raise DatasetError(
+            f"{path} differs from its {MANIFEST}: {'; '.join(problems)}: it changed after the "
+            f"manifest was written (remove {MANIFEST} if that change was meant), or is damaged; "
+            f"{_verify_hint(str(path))}"
+        )
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """A path to write a directory at, moved into place as ``path`` when the block ends without
@@ -326,6 +421,8 @@ class ReplayBuffer:
         self._root = root
         self._path = path
         self._writable = writable
+        # Changed on disk since the manifest was written (or removed): close() writes it anew.
+        self._unfinished = False
         self.validate()
 
     # -- construction -------------------------------------------------------------------------
@@ -341,7 +438,9 @@ class ReplayBuffer:
         target = prepare_output(path, overwrite)
         if target.exists():
             shutil.rmtree(target)  # a buffer of ours, which overwrite replaces
-        return cls({}, np.zeros(0, np.int64), root=_new_root(LocalStore(target)), path=path)
+        buffer = cls({}, np.zeros(0, np.int64), root=_new_root(LocalStore(target)), path=path)
+        buffer._unfinished = True
+        return buffer
 
     @classmethod
     def open(
@@ -350,15 +449,28 @@ class ReplayBuffer:
         mode: Literal["r", "a"] = "r",
         keys: Iterable[str] | None = None,
     ) -> ReplayBuffer:
-        """Open a dataset on disk lazily (zarr v2 or v3); `keys` restricts a read-only view."""
+        """Open a dataset on disk lazily (zarr v2 or v3); `keys` restricts a read-only view.
+
+        A buffer with a manifest (one the package wrote) must hold every chunk file of the
+        opened arrays at its recorded size, and the arrays and episode ends it records: else a
+        DatasetError names the first damaged chunk and its file."""
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         if keys is not None and mode != "r":
             raise ValueError("a key subset is a read-only view: open with mode='r' to use keys")
         path = Path(path)
         root = _open_root(path, mode)
+        manifest = _buffer_manifest(path)
+        ends_key = f"{META_GROUP}/{EPISODE_ENDS}"
+        if manifest is not None:
+            # episode_ends first: a lost chunk of it would read as zeros.
+            wanted = None if keys is None else {ends_key, *(f"{DATA_GROUP}/{k}" for k in keys)}
+            _check_chunk_files(path, manifest, wanted)
         data, ends = _read_layout(root, str(path))
         selected = _select_keys(data, keys, str(path))
+        if manifest is not None:
+            arrays = {f"{DATA_GROUP}/{k}": data[k] for k in selected}
+            _check_layout(path, manifest, arrays | {ends_key: root[ends_key]}, ends)
         return cls({k: data[k] for k in selected}, ends, root=root, path=path, writable=mode == "a")
 
     @classmethod
@@ -388,6 +500,27 @@ class ReplayBuffer:
                 for start in range(0, self.n_steps, block):
                     dst[start : start + block] = src[start : start + block]
             _write_ends(root, self._ends)
+            write_manifest(tmp, build_manifest(tmp, root, BUFFER_GROUPS, self._ends))
+
+    def close(self) -> None:
+        """Finish a buffer written on disk: record its arrays and chunk files (size, SHA-256) in
+        ``manifest.json`` (:mod:`cm_policy.data.manifest`), which every later open and
+        ``cm-policy data verify`` check it against. Writers call it last, before their folder
+        is renamed into place. Nothing to do for a buffer unchanged since it was opened or
+        closed, or one in memory; a later change removes the manifest until the next close."""
+        if self._unfinished and self._path is not None and self._root is not None:
+            manifest = build_manifest(self._path, self._root, BUFFER_GROUPS, self._ends)
+            write_manifest(self._path, manifest)
+        self._unfinished = False
+
+    def __enter__(self) -> ReplayBuffer:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        """Close (write the manifest) unless the block raised: a buffer left half-written
+        carries no manifest that would vouch for it."""
+        if exc_type is None:
+            self.close()
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -488,6 +621,13 @@ class ReplayBuffer:
                 "open it with mode='a' to modify it"
             )
 
+    def _begin_change(self) -> None:
+        """Remove the manifest before the first change to a finished buffer on disk: it would
+        describe the buffer as it was (close() writes the new one)."""
+        if not self._unfinished and self._path is not None and self._root is not None:
+            remove_manifest(self._path)
+            self._unfinished = True
+
     def _check_new_episode(self, data: Mapping[str, np.ndarray]) -> int:
         if not data:
             raise ValueError("an episode needs at least one array, got an empty dict")
@@ -521,6 +661,7 @@ class ReplayBuffer:
         """Append one episode; all arrays share the length T >= 1 and match the stored keys."""
         self._require_writable()
         length = self._check_new_episode(data)
+        self._begin_change()
         old_steps = self.n_steps
         if self._root is None:
             for key, value in data.items():
@@ -553,6 +694,7 @@ class ReplayBuffer:
         self._require_writable()
         span = self.episode_slice(i)
         i = self._episode_index(i)
+        self._begin_change()
         length = span.stop - span.start
         new_steps = self.n_steps - length
         for key, arr in self._data.items():
@@ -590,6 +732,9 @@ def _format_compressor(arr: zarr.Array) -> str:
     names = []
     for codec in arr.compressors:
         cname = getattr(codec, "cname", None)
+        if isinstance(codec, Crc32cCodec):
+            names.append("crc32c")
+            continue
         if cname is None:
             names.append(repr(codec))
             continue
@@ -635,6 +780,7 @@ def describe(path: str | Path) -> str:
             f"episode length: min {lengths.min()}, mean {lengths.mean():.1f}, "
             f"median {np.median(lengths):.1f}, max {lengths.max()}"
         )
+    lines.append(f"integrity: {integrity(path)}")
     lines.append("arrays:")
     for key in buffer.keys:
         arr = buffer[key]
@@ -652,6 +798,23 @@ def describe(path: str | Path) -> str:
             text = json.dumps(value, default=str)
             lines.append(f"  {key}: {text if len(text) <= 300 else text[:297] + '...'}")
     return "\n".join(lines)
+
+
+def integrity(path: str | Path) -> str:
+    """How damage to the buffer at ``path`` can be detected: its checksums and its manifest."""
+    root = zarr.open_group(LocalStore(Path(path), read_only=True), mode="r")
+    arrays = stored_arrays(root, BUFFER_GROUPS)
+    summed = sum(has_checksums(arr) for arr in arrays.values())
+    if summed == len(arrays):
+        codec = "CRC32C in every chunk"
+    else:
+        codec = f"CRC32C in {summed} of {len(arrays)} arrays" if summed else "no chunk checksums"
+    manifest = _buffer_manifest(Path(path))
+    if manifest is None:
+        record = f"no {MANIFEST} (a lost chunk file, which zarr reads as zeros, goes unnoticed)"
+    else:
+        record = f"{MANIFEST} of {len(manifest['files'])} chunk files (size, SHA-256)"
+    return f"{codec}; {record}; cm-policy data verify {path} checks every chunk"
 
 
 def _root_attrs(path: str | Path) -> dict:

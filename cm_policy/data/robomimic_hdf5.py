@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from cm_policy.data.outputs import MARKER_KEY, hdf5_marker, prepare_output
 from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer, atomic_directory
+from cm_policy.data.task_file import TASK_FILE, write_task_file
 
 DATA_GROUP = "data"
 MASK_GROUP = "mask"
@@ -379,7 +379,9 @@ def convert_to_zarr(
     Keys: the low-dim observations (``object``, ``robot0_eef_pos``, ``robot0_eef_quat``,
     ``robot0_gripper_qpos``), the two camera images with ``image``, and ``action``: the recorded
     7-D delta actions, or with ``abs_action`` 10-D absolute ones (replayed through the controller
-    for delta datasets). The dataset's env metadata is kept in ``<out>/env_args.json``.
+    for delta datasets). The dataset's env metadata is kept in ``<out>/env_args.json``, and the
+    buffer's task config (every key, at robomimic's control rate) in ``<out>/task.yaml``
+    (:mod:`cm_policy.data.task_file`).
     Several files (e.g. clean and recovery demonstrations of one task) are written one after
     the other into one buffer; their env metadata must agree (``filter_key`` applies to each).
     ``overwrite`` replaces only a buffer this package wrote, never a source
@@ -388,6 +390,7 @@ def convert_to_zarr(
     from tqdm import tqdm
 
     from cm_policy.envs.robosuite_env import (
+        CONTROL_HZ,
         IMAGE_KEYS,
         LOW_DIM_KEYS,
         RobosuiteEnv,
@@ -447,6 +450,14 @@ def convert_to_zarr(
                 if replay_env is not None:
                     replay_env.close()
             (tmp / ENV_ARGS_FILE).write_text(json.dumps(env_meta, indent=2))
+            write_task_file(
+                tmp,
+                made_by="the conversion from robomimic HDF5",
+                location=out,
+                control_hz=CONTROL_HZ,
+                control_hz_source="robomimic's control rate",
+            )
+            buffer.close()  # its manifest, before the folder is renamed into place
     finally:
         for dataset in datasets:
             dataset.close()
@@ -456,6 +467,7 @@ def convert_to_zarr(
         "steps": buffer.n_steps,
         "keys": [*keys, "action"],
         "abs_action": abs_action,
+        "task_file": str(out / TASK_FILE),
         "wall_s": time.perf_counter() - started,
     }
     return stats

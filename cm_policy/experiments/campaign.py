@@ -113,6 +113,11 @@ class Plan:
     # "run sampler" (e.g. "isd 1"): every other entry is compared with it at each mark, the
     # difference with its 95% interval.
     reference: str = ""
+    # The questions the report answers, each in its own section from the cached figures:
+    # {ask: TEXT, compare: [A, B]} (A minus B at each shared mark), {ask, trend: [A, ...]}
+    # (each entry's change between marks and from its best mark to its last), {ask, flat: true}
+    # (which curves are flat at their last mark), {ask, seeds: true} (how far the seeds differ).
+    questions: list[dict] = field(default_factory=list)
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -171,6 +176,10 @@ class Plan:
                 f"{path}: reference must be one of the plan's 'run sampler' entries {entries}, "
                 f"got {raw['reference']!r}"
             )
+        for q in raw.get("questions", []):
+            problem = question_problem(q, entries)
+            if problem:
+                raise SystemExit(f"{path}: question {q!r}: {problem}")
         raw["results"] = Path(raw.get("results", f"eval/results/{raw['name']}")).resolve()
         if bool(raw.get("marks_min")) == bool(raw.get("marks_steps")):
             raise SystemExit(
@@ -180,6 +189,32 @@ class Plan:
         raw["marks_min"] = sorted(float(m) for m in raw.get("marks_min", []))
         raw["marks_steps"] = sorted(int(m) for m in raw.get("marks_steps", []))
         return Plan(runs=runs, **raw)
+
+
+QUESTION_KINDS = ("compare", "trend", "flat", "seeds")
+
+
+def question_problem(question: Any, entries: list[str]) -> str | None:
+    """What is wrong with a plan's question (None: nothing): an ``ask`` and exactly one kind,
+    whose entries are the plan's 'run sampler' entries."""
+    if not isinstance(question, dict) or not isinstance(question.get("ask"), str):
+        return "expected a mapping with 'ask' (the question's text) and one of " + str(
+            list(QUESTION_KINDS)
+        )
+    kinds = [k for k in question if k != "ask"]
+    if len(kinds) != 1 or kinds[0] not in QUESTION_KINDS:
+        return f"expected exactly one of {list(QUESTION_KINDS)} beside 'ask', got {kinds}"
+    value = question[kinds[0]]
+    if kinds[0] in ("flat", "seeds"):
+        return None if value is True else f"{kinds[0]} takes true, got {value!r}"
+    names = value if isinstance(value, list) else []
+    wanted = 2 if kinds[0] == "compare" else None
+    if not names or (wanted and len(names) != wanted) or set(names) - set(entries):
+        return (
+            f"{kinds[0]} takes {'two' if wanted else 'a list of'} of the plan's entries "
+            f"{entries}, got {value!r}"
+        )
+    return None
 
 
 def apply_changes(raw: dict, changes: Sequence[str], path: Path) -> None:
@@ -729,6 +764,148 @@ def changes_between_marks(
     return without_empty_table(lines, "No entry has two consecutive marks with the same seeds yet.")
 
 
+Pools = dict[tuple[str, float], tuple[list[dict], int, dict]]
+
+
+def marks_of(plan: Plan, pools: Pools, name: str) -> list[float]:
+    return [m for m in plan.marks if (name, m) in pools]
+
+
+def seeds_done(pools: Pools, name: str, mark: float) -> str:
+    entries, n_seeds, _ = pools[name, mark]
+    return f"{len(entries)}/{n_seeds} seeds"
+
+
+def compared(pools: Pools, a: tuple[str, float], b: tuple[str, float]) -> str:
+    """``a`` minus ``b`` as text: both differences with their intervals and readings."""
+    ds, hs, dp, (lp, hp) = difference(pools[a][2], pools[b][2])
+    return (
+        f"mean_score {ds:+.3f} +- {hs:.3f} ({reading(ds - hs, ds + hs)}), "
+        f"success {dp:+.3f} [{lp:+.3f}, {hp:+.3f}] ({reading(lp, hp)})"
+    )
+
+
+def answer_compare(plan: Plan, pools: Pools, a: str, b: str) -> list[str]:
+    shared = [m for m in marks_of(plan, pools, a) if (b, m) in pools]
+    if not shared:
+        return [f"Not answered yet: `{a}` and `{b}` share no mark."]
+    lines = [
+        f"- at {m:g} {plan.unit} (`{a}` {seeds_done(pools, a, m)}, `{b}` "
+        f"{seeds_done(pools, b, m)}): `{a}` minus `{b}`: {compared(pools, (a, m), (b, m))}"
+        for m in shared
+    ]
+    last = shared[-1]
+    ds, hs, _, (lp, hp) = difference(pools[a, last][2], pools[b, last][2])
+    word = {"above": "above", "below": "below", "level": "level with"}
+    final = last == plan.marks[-1] and all(
+        len(pools[n, last][0]) == pools[n, last][1] for n in (a, b)
+    )
+    lines += [
+        "",
+        f"{'Answer' if final else 'So far (not every mark or seed is in)'}: at {last:g} "
+        f"{plan.unit}, `{a}` is {word[reading(ds - hs, ds + hs)]} `{b}` on mean_score and "
+        f"{word[reading(lp, hp)]} it on success (95% intervals of the differences; level: "
+        "the interval holds 0).",
+    ]
+    return lines
+
+
+def answer_trend(plan: Plan, pools: Pools, names: list[str]) -> list[str]:
+    lines = []
+    word = {"above": "rising", "below": "falling", "level": "flat"}
+    for name in names:
+        # The marks with as many seeds as the first (a seed still training is left out).
+        marks = marks_of(plan, pools, name)
+        marks = [m for m in marks if len(pools[name, m][0]) == len(pools[name, marks[0]][0])]
+        if len(marks) < 2:
+            lines.append(f"- `{name}`: not answered yet ({len(marks)} mark(s) in).")
+            continue
+        steps = []
+        for before, after in itertools.pairwise(marks):
+            ds, hs, _, _ = difference(pools[name, after][2], pools[name, before][2])
+            steps.append(
+                f"{before:g} -> {after:g} {word[reading(ds - hs, ds + hs)]} ({ds:+.3f} +- {hs:.3f})"
+            )
+        best = max(marks, key=lambda m: pools[name, m][2]["score"])
+        last = marks[-1]
+        if best == last:
+            verdict = f"best at its last mark ({last:g}): no degradation"
+        else:
+            ds, hs, _, _ = difference(pools[name, last][2], pools[name, best][2])
+            fell = reading(ds - hs, ds + hs) == "below"
+            verdict = f"best at {best:g}, then {ds:+.3f} +- {hs:.3f} by {last:g}: " + (
+                "**degrades** (the interval lies below 0)"
+                if fell
+                else "holds (the interval holds 0)"
+            )
+        lines.append(f"- `{name}`: " + "; ".join(steps) + f". Mean_score {verdict}.")
+    return lines
+
+
+def answer_flat(plan: Plan, pools: Pools) -> list[str]:
+    names = list(dict.fromkeys(name for name, _ in pools))
+    flat, moving, early = [], [], []
+    for name in names:
+        marks = marks_of(plan, pools, name)
+        if len(marks) < 2:
+            early.append(f"`{name}`")
+            continue
+        ds, hs, _, _ = difference(pools[name, marks[-1]][2], pools[name, marks[-2]][2])
+        text = f"`{name}` ({marks[-2]:g} -> {marks[-1]:g}: {ds:+.3f} +- {hs:.3f})"
+        (flat if reading(ds - hs, ds + hs) == "level" else moving).append(text)
+    return [
+        "A curve is flat at its last mark when the 95% interval of its last change of "
+        "mean_score holds 0 (the table 'From one mark to the next').",
+        "",
+        f"- flat: {', '.join(flat) or 'none'}",
+        f"- still moving: {', '.join(moving) or 'none'}",
+        f"- fewer than two marks in: {', '.join(early) or 'none'}",
+    ]
+
+
+def answer_seeds(plan: Plan, pools: Pools) -> list[str]:
+    names = list(dict.fromkeys(name for name, _ in pools))
+    lines = [
+        "At each entry's last mark with two seeds or more: each seed's mean_score, the spread "
+        "(largest minus smallest) and the largest half-width of one seed's own 95% episode "
+        "interval. A spread beyond that half-width: the seeds differ by more than their "
+        "episodes can explain.",
+        "",
+    ]
+    rows = 0
+    for name in names:
+        marks = [m for m in marks_of(plan, pools, name) if len(pools[name, m][0]) > 1]
+        if not marks:
+            continue
+        entries = pools[name, marks[-1]][0]
+        scores = [e["mean_score"] for e in entries]
+        half = max((e["mean_score_ci95"][1] - e["mean_score_ci95"][0]) / 2 for e in entries)
+        spread = max(scores) - min(scores)
+        lines.append(
+            f"- `{name}` at {marks[-1]:g}: {', '.join(f'{x:.3f}' for x in scores)}; spread "
+            f"{spread:.3f} against {half:.3f}"
+            + (" (**beyond** the episodes)" if spread > half else " (within)")
+        )
+        rows += 1
+    return lines if rows else ["Not answered yet: no entry has two seeds at one mark."]
+
+
+def question_lines(plan: Plan, pools: Pools) -> list[str]:
+    """Report lines: a section per question of the plan, answered from the pooled figures."""
+    lines = []
+    for q in plan.questions:
+        lines += ["", f"## {q['ask']}", ""]
+        if "compare" in q:
+            lines += answer_compare(plan, pools, *q["compare"])
+        elif "trend" in q:
+            lines += answer_trend(plan, pools, q["trend"])
+        elif "flat" in q:
+            lines += answer_flat(plan, pools)
+        else:
+            lines += answer_seeds(plan, pools)
+    return lines
+
+
 def stability_lines(plan: Plan, caches: dict, costs: dict[str, float]) -> list[str]:
     """Report lines: the gradient statistics and raw loss terms of each interval between marks,
     per run and seed, so that a change in score shows beside what training did meanwhile."""
@@ -935,6 +1112,7 @@ def write_report(
         lines += changes_between_marks(plan, pools)
     if plan.reference:
         lines += against_reference(plan, pools)
+    lines += question_lines(plan, pools)
     lines += stability_lines(plan, caches, costs)
     finals = [(r, s, caches[r.name, s].get("final")) for r in plan.runs for s in r.seeds]
     finals = [(r, s, f) for r, s, f in finals if f]
@@ -1005,10 +1183,11 @@ def write_report(
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``cm-policy campaign PLAN [options]`` (``argv``: the arguments after ``campaign``)."""
+def argument_parser() -> argparse.ArgumentParser:
+    """The options of ``cm-policy campaign``."""
     parser = argparse.ArgumentParser(
         prog="cm-policy campaign",
+        allow_abbrev=False,  # an option is spelt out: --job is no --jobs
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
     )
@@ -1058,10 +1237,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-reuse", action="store_true", help="train runs that name reuse=... here as well"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan, list[RunSpec], set[int]]:
+    """A campaign command line read and checked without running anything: its options, the plan
+    (with ``--set`` applied), every run of the plan, and the training seeds to train now; an
+    unknown option, plan field, run or seed raises SystemExit."""
+    args = argument_parser().parse_args(argv)
     plan = Plan.load(args.plan, args.set)
     every_run = plan.runs  # step costs are measured for all of them, whatever --runs trains
-    command = " ".join(["cm-policy campaign", str(args.plan), *(f"--set '{c}'" for c in args.set)])
     if args.runs:
         names = args.runs.split(",")
         unknown = sorted(set(names) - {r.name for r in plan.runs})
@@ -1077,6 +1262,13 @@ def main(argv: list[str] | None = None) -> None:
         if not wanted <= seeds:
             raise SystemExit(f"--seeds: {sorted(wanted - seeds)} are not among {sorted(seeds)}")
         seeds = wanted
+    return args, plan, every_run, seeds
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``cm-policy campaign PLAN [options]`` (``argv``: the arguments after ``campaign``)."""
+    args, plan, every_run, seeds = parse(argv)
+    command = " ".join(["cm-policy campaign", str(args.plan), *(f"--set '{c}'" for c in args.set)])
     if args.no_reuse:
         for run in plan.runs:
             run.reuse = None

@@ -112,7 +112,7 @@ def step_costs(cfgs: dict[str, Any], rounds: int = 3, steps: int = 4) -> dict[st
     setups = {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
-        policy = Policy(policy_spec(cfg), normalizer).to(device)
+        policy = Policy(policy_spec(cfg, data), normalizer).to(device)
         policy.method.set_progress(0, int(cfg.training.steps))
         setups[name] = (policy, torch.optim.AdamW(policy.parameters(), lr=1e-4))
     batch = int(first.training.batch_size)
@@ -172,13 +172,12 @@ def chunk_latency_ms(policy: Any, sampler: str, repeats: int = 30) -> float:
     """Median wall time of ``predict_action`` at batch 1 (after a warm-up)."""
     kind, steps = policy.method.parse_label(sampler)
     rng = np.random.default_rng(0)
-    task = policy.spec["task"]
     obs = {
         k: rng.standard_normal((1, policy.n_obs_steps, d)).astype(np.float32)
-        for k, d in task.get("low_dim", {}).items()
+        for k, d in policy.low_dim.items()
     }
-    for k in task.get("image_keys", []):
-        obs[k] = rng.random((1, policy.n_obs_steps, *task["image_shape"]), dtype=np.float32)
+    for k, shape in policy.image_shapes.items():
+        obs[k] = rng.random((1, policy.n_obs_steps, *shape), dtype=np.float32)
     times = []
     for i in range(repeats + 3):
         started = time.perf_counter()

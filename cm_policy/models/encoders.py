@@ -69,51 +69,104 @@ class ResNet18GN(nn.Module):
         return self.layers(self.stem(x)).mean(dim=(2, 3))
 
 
+Crop = int | float | Sequence[int]
+DEFAULT_CROP = 84  # specs written before the crop was a setting used Diffusion Policy's 84
+
+
+def crop_sizes(
+    crop: Crop | Mapping[str, Crop], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, int]]:
+    """Each camera's crop (height, width) in pixels, from ``model.crop``: pixels (``84``: a
+    square, ``[h, w]``: a rectangle), a fraction of each side (``0.875``: 84 of 96), or a
+    mapping camera -> either. A crop larger than its camera's frames is refused in one line
+    naming the camera and both sizes."""
+    if isinstance(crop, Mapping):
+        missing = [k for k in shapes if k not in crop]
+        if missing:
+            raise ValueError(
+                f"model.crop names cameras {sorted(map(str, crop))} but not {missing}: give "
+                "every camera its crop, or one crop for all"
+            )
+    out = {}
+    for key, shape in shapes.items():
+        value = crop[key] if isinstance(crop, Mapping) else crop
+        height, width = int(shape[0]), int(shape[1])
+        out[key] = _crop_size(key, value, height, width)
+        if out[key][0] > height or out[key][1] > width:
+            h, w = out[key]
+            raise ValueError(
+                f"camera {key!r}: its frames are {height}x{width}, smaller than the crop "
+                f"model.crop={_shown(value)} ({h}x{w}): set model.crop to at most "
+                f"{min(height, width)} (pixels), [{height},{width}], or a fraction such as 0.875"
+            )
+    return out
+
+
+def _crop_size(key: str, value: Crop, height: int, width: int) -> tuple[int, int]:
+    if isinstance(value, float) and 0 < value <= 1:
+        return max(1, int(value * height)), max(1, int(value * width))
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ValueError(
+        f"model.crop for camera {key!r} must be pixels (84), [height, width] or a fraction of "
+        f"each side in (0, 1] (0.875), got {value!r}"
+    )
+
+
+def _shown(value: Crop) -> str:
+    return f"[{value[0]},{value[1]}]" if isinstance(value, Sequence) else str(value)
+
+
 class ImageEncoder(nn.Module):
     """One ResNet-18-GN per camera on cropped images, concatenated with low-dim keys.
 
-    Images arrive as (B, T, H, W, 3) uint8 or float in 0..255. Training takes a random crop per
-    sample, evaluation the centre crop (Diffusion Policy's 84 of 96 for PushT).
+    Images arrive as (B, T, H, W, 3) uint8 or float in 0..255, each camera at its own size
+    (``image_shapes``). Training takes a random crop per sample, evaluation the centre crop,
+    each camera its own (:func:`crop_sizes`; Diffusion Policy's 84 of 96 for PushT).
     """
 
     def __init__(
         self,
-        image_keys: Sequence[str],
+        image_shapes: Mapping[str, Sequence[int]],
         low_dim: Mapping[str, int],
         n_obs_steps: int,
-        crop: int = 84,
+        crop: Crop | Mapping[str, Crop] = DEFAULT_CROP,
         widths: Sequence[int] = (64, 128, 256, 512),
     ):
         super().__init__()
-        self.image_keys = list(image_keys)
+        self.image_keys = list(image_shapes)
+        self.frames = {k: (int(s[0]), int(s[1])) for k, s in image_shapes.items()}
         self.low_dim_keys = list(low_dim)
-        self.crop = crop
+        self.crops = crop_sizes(crop, image_shapes)
         self.backbones = nn.ModuleDict({k: ResNet18GN(widths) for k in self.image_keys})
         per_step = widths[-1] * len(self.image_keys) + sum(low_dim.values())
         self.out_dim = per_step * n_obs_steps
 
-    def check_crop(self, key: str, height: int, width: int) -> None:
-        """A crop larger than a camera's frames is refused, naming the camera and both sizes."""
-        if self.crop > min(height, width):
-            raise ValueError(
-                f"camera {key!r}: its frames are {height}x{width}, smaller than the crop "
-                f"model.crop={self.crop}: set model.crop to at most {min(height, width)}"
-            )
-
     def _crop(self, x: torch.Tensor, key: str) -> torch.Tensor:
         h, w = x.shape[-2:]
-        c = self.crop
-        self.check_crop(key, h, w)
+        if (h, w) != self.frames[key]:
+            raise ValueError(
+                f"camera {key!r}: frames of {h}x{w}, this encoder takes "
+                f"{self.frames[key][0]}x{self.frames[key][1]}"
+            )
+        ch, cw = self.crops[key]
         if self.training:
             n = x.shape[0]
-            top = torch.randint(0, h - c + 1, (n,), device=x.device)
-            left = torch.randint(0, w - c + 1, (n,), device=x.device)
-            # Every c x c window as a view (n, C, h-c+1, w-c+1, c, c), then one gather of each
-            # sample's window (7x faster on the CPU than an index per pixel).
-            windows = x.unfold(2, c, 1).unfold(3, c, 1)
+            top = torch.randint(0, h - ch + 1, (n,), device=x.device)
+            left = torch.randint(0, w - cw + 1, (n,), device=x.device)
+            # Every ch x cw window as a view (n, C, h-ch+1, w-cw+1, ch, cw), then one gather of
+            # each sample's window (7x faster on the CPU than an index per pixel).
+            windows = x.unfold(2, ch, 1).unfold(3, cw, 1)
             return windows[torch.arange(n, device=x.device), :, top, left]
-        top, left = (h - c) // 2, (w - c) // 2
-        return x[..., top : top + c, left : left + c]
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return x[..., top : top + ch, left : left + cw]
 
     @staticmethod
     def _conv_layout(img: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ Protocol (version 1). Every message is a binary msgpack map with a ``type``; arr
   the action range).
 - ``health`` -> ``ready``, ``sessions``, ``in_flight``, ``requests``, ``passes``, ``refused``.
 
+A request beyond the session's ``max_rate`` gets an error reply (the session goes on); the
+metadata also carries ``max_sessions`` and ``max_rate``.
+
 Actions are never sent unless finite: a request whose rows give NaN or inf actions, or whose
 observations lie beyond ``obs_limit`` half-ranges of the training data (``serve.obs_limit``, off by
 default), gets an error reply saying why, counted in ``health``'s ``refused``.
@@ -52,15 +55,16 @@ Requests of all sessions are micro-batched (see :mod:`cm_policy.serve.batching`)
 thread, off the event loop. The client, :class:`PolicyClient`, needs only numpy, msgpack and
 websockets (no torch); the server is :mod:`cm_policy.serve.server`.
 
-Exposing the server. It binds to 127.0.0.1, so only processes on the same machine reach it. It
-has no authentication and no encryption: to serve other machines, bind ``host=0.0.0.0`` (or the
-address of one interface) only on a trusted network with a firewall that admits the robot's or
-simulator's addresses, or keep it on loopback behind a TLS reverse proxy (nginx, Caddy) that
-terminates ``wss://`` and authenticates clients, or reach it through an SSH tunnel
-(``ssh -L 8765:127.0.0.1:8765 gpu-host``). Messages are never unpickled, so a hostile client can
-at worst be refused; it can still use the GPU, hence the firewall.
+Exposing the server. It binds to 127.0.0.1 by default, so only processes on the same machine
+reach it. To serve other machines, give it a token and TLS: ``cm-policy serve checkpoint=RUN
+host=0.0.0.0 token_file=token.txt tls_cert=cert.pem tls_key=key.pem``; clients connect with
+``PolicyClient("wss://gpu-host:8765", token=..., ca="cert.pem")``. The token is checked before
+the WebSocket upgrade (HTTP 401 without it), in constant time, and never logged; a host beyond
+the loopback without a token is refused unless ``insecure=true``; ``max_sessions`` and
+``max_rate`` keep one client from starving the others (:mod:`cm_policy.serve.security`).
+Messages are never unpickled, so a hostile client can at worst be refused.
 """
 
-from cm_policy.serve.client import PolicyClient, ServerError
+from cm_policy.serve.client import PolicyClient, ServerError, ServerRefused
 
-__all__ = ["PolicyClient", "ServerError"]
+__all__ = ["PolicyClient", "ServerError", "ServerRefused"]

@@ -96,9 +96,7 @@ class TorchBackend(Backend):
         task = policy.spec["task"]
         self.n_obs_steps = policy.n_obs_steps
         self.obs_spec = {k: ((int(d),), LOW_DIM_DTYPE) for k, d in policy.low_dim.items()}
-        self.obs_spec.update(
-            {k: (tuple(task["image_shape"]), IMAGE_DTYPE) for k in policy.image_keys}
-        )
+        self.obs_spec.update({k: (s, IMAGE_DTYPE) for k, s in policy.image_shapes.items()})
         self.samplers = tuple(policy.method.samplers)
         self.metadata = policy_metadata(policy, load_task(task).control_hz)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 from websockets.sync.client import connect
 
 from cm_policy.serve.protocol import (
@@ -14,6 +18,7 @@ from cm_policy.serve.protocol import (
     decode_response,
     pack,
 )
+from cm_policy.serve.security import TOKEN_ENV, client_ssl_context
 
 DEFAULT_URI = "ws://127.0.0.1:8765"
 DEFAULT_TIMEOUT_S = 60.0
@@ -30,6 +35,32 @@ class ServerError(RuntimeError):
         self.error, self.expected, self.got = reply["error"], reply["expected"], reply["got"]
 
 
+class ServerRefused(ConnectionError):
+    """The server refused the session before it began: ``status`` 401 (a wrong or missing
+    token) or 503 (too many sessions, or not ready); ``reason`` is what it said."""
+
+    def __init__(self, message: str, status: int, reason: str):
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+def _refusal(uri: str, response: Response, sent_token: bool) -> ServerRefused:
+    reason = response.body.decode(errors="replace").strip()
+    if response.status_code == 401:
+        what = "refused the token" if sent_token else "needs a token"
+        hint = (
+            "pass token=... or set CM_POLICY_SERVE_TOKEN to the server's token"
+            if not sent_token
+            else "check that it is the server's token"
+        )
+        return ServerRefused(f"{uri} {what} (HTTP 401): {hint}", 401, reason)
+    return ServerRefused(
+        f"{uri} refused the session (HTTP {response.status_code}): {reason}",
+        response.status_code,
+        reason,
+    )
+
+
 class PolicyClient:
     """One session on a policy server.
 
@@ -44,16 +75,35 @@ class PolicyClient:
         self,
         uri: str = DEFAULT_URI,
         *,
+        token: str | None = None,
+        ca: str | None = None,
         seed: int | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
+        """``uri``: ``ws://host:port`` or, to a server with TLS, ``wss://host:port``. ``token``:
+        the server's token (default: the ``CM_POLICY_SERVE_TOKEN`` environment variable, if
+        set). ``ca``: a PEM file to verify a ``wss://`` server with (e.g. its self-signed
+        certificate; default: the system's CAs)."""
         self.timeout = timeout
         self.next_seed = seed
         self.last_timing: dict[str, float] = {}
-        self._connection = connect(
-            uri, compression=None, max_size=max_message_bytes, open_timeout=timeout
-        )
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        secure = urlsplit(uri).scheme == "wss"
+        if ca is not None and not secure:
+            raise ValueError(f"ca= verifies a TLS server: use a wss:// address, not {uri}")
+        try:
+            self._connection = connect(
+                uri,
+                compression=None,
+                max_size=max_message_bytes,
+                open_timeout=timeout,
+                additional_headers=headers,
+                ssl=client_ssl_context(ca) if secure else None,
+            )
+        except InvalidStatus as exc:
+            raise _refusal(uri, exc.response, bool(token)) from None
         try:
             hello = self._call({"type": "hello", "protocol": PROTOCOL_VERSION})
         except BaseException:

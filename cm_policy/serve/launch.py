@@ -24,10 +24,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def healthz(port: int, host: str = "127.0.0.1") -> int:
-    """The HTTP status of the server's health check (200 ready, 503 warming up or stopping)."""
+def healthz(port: int, host: str = "127.0.0.1", ca: str | Path | None = None) -> int:
+    """The HTTP status of the server's health check (200 ready, 503 warming up or stopping);
+    over HTTPS, verified with the PEM file ``ca``, for a server with TLS."""
+    from cm_policy.serve.security import client_ssl_context
+
+    scheme, context = ("https", client_ssl_context(str(ca))) if ca else ("http", None)
+    url = f"{scheme}://{host}:{port}/healthz"
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -53,6 +58,8 @@ def spawn_server(
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         **(env or {}),
     }
+    # A server with TLS answers its health check over HTTPS, verified with its own certificate.
+    cert = next((o.partition("=")[2] for o in options if o.startswith("tls_cert=")), None)
     source = "model" if str(checkpoint).endswith(".onnx") else "checkpoint"
     command = [sys.executable, "-m", "cm_policy.cli", "serve", f"{source}={checkpoint}"]
     with open(log, "w") as out:
@@ -64,7 +71,7 @@ def spawn_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            if healthz(port) == 200:
+            if healthz(port, ca=cert) == 200:
                 return proc, port
         except OSError:
             pass

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -39,6 +40,7 @@ from cm_policy.serve.protocol import (
     pack,
     unpack,
 )
+from cm_policy.serve.security import RateLimiter, authorized
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ DEFAULT_PORT = 8765
 DEFAULT_MAX_BATCH = 64
 DEFAULT_BATCH_WAIT_MS = 2.0
 DEFAULT_MAX_INFER_STEPS = 100
+DEFAULT_MAX_SESSIONS = 64
 HEALTH_PATH = "/healthz"
 # Messages up to this multiple of max_message_bytes are read and answered with an error; larger
 # ones are cut off by websockets, which closes the connection with code 1009 (message too big).
@@ -61,9 +64,11 @@ ORDER = "hello, then reset before step-mode observe/infer (window-mode infer nee
 
 
 class Session:
-    """One connection: whether it said hello, and its episode's observation window."""
+    """One connection: whether it said hello, its episode's observation window, and its request
+    rate limit (``max_rate`` requests per second; None: none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rate: float | None = None) -> None:
+        self.limiter = None if max_rate is None else RateLimiter(max_rate)
         self.greeted = False
         self.in_episode = False
         self.history: dict[str, np.ndarray] | None = None
@@ -97,7 +102,21 @@ class PolicyServer:
         max_infer_steps: int = DEFAULT_MAX_INFER_STEPS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         obs_limit: float | None = None,
+        token: str | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_rate: float | None = None,
     ):
+        """``token``: clients must send ``Authorization: Bearer <token>`` (None: no token);
+        ``max_sessions``: concurrent sessions; ``max_rate``: requests per second per session
+        (None: no limit). See :mod:`cm_policy.serve.security`."""
+        if max_sessions < 1 or (max_rate is not None and not max_rate > 0):
+            raise ValueError(
+                f"max_sessions must be >= 1 and max_rate > 0 or null, got {max_sessions} and "
+                f"{max_rate}"
+            )
+        self.token = token
+        self.max_sessions = int(max_sessions)
+        self.max_rate = None if max_rate is None else float(max_rate)
         self.backend: Backend = policy if isinstance(policy, Backend) else TorchBackend(policy)
         self.backend.set_obs_limit(obs_limit)
         self.max_batch = max_batch
@@ -121,6 +140,8 @@ class PolicyServer:
             "infer_modes": list(INFER_MODES),
             "backend": self.backend.name,
             "fixed_steps": self.backend.fixed_steps,
+            "max_sessions": self.max_sessions,
+            "max_rate": self.max_rate,
         }
         self.batcher = MicroBatcher(
             self.backend.predict_action,
@@ -144,8 +165,10 @@ class PolicyServer:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         on_ready: Callable[[str, int], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Listen, warm up, serve until SIGTERM/SIGINT, then finish in-flight requests."""
+        """Listen (with TLS when ``ssl_context`` is given), warm up, serve until SIGTERM/SIGINT,
+        then finish in-flight requests."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,6 +178,7 @@ class PolicyServer:
             host,
             port,
             process_request=self._http,
+            ssl=ssl_context,
             compression=None,  # deflate costs more than it saves on arrays, on loopback or LAN
             max_size=TRANSPORT_SIZE_FACTOR * self.max_message_bytes,
         ) as server:
@@ -188,16 +212,36 @@ class PolicyServer:
         return sum(now - s.last_request < ACTIVE_SESSION_S for s in list(self.sessions))
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """GET /healthz: 200 once warmed up, 503 before and while shutting down."""
+        """Before the WebSocket upgrade: GET /healthz answers 200 once warmed up, 503 before and
+        while shutting down (no token needed, nothing about the model told); a session needs
+        the token (401 without it) and a free place (503 at max_sessions)."""
         state = "shutting down" if self.draining else "ok" if self.ready else "warming up"
         status = HTTPStatus.OK if state == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
         if urlsplit(request.path).path == HEALTH_PATH or status != HTTPStatus.OK:
-            return connection.respond(status, state + "\n")
+            return _answer(connection, status, state + "\n")
+        if self.token is not None and not authorized(
+            request.headers.get("Authorization"), self.token
+        ):
+            logger.warning("refused %s: wrong or missing token", _peer(connection))
+            response = _answer(
+                connection,
+                HTTPStatus.UNAUTHORIZED,
+                "a token is needed: send the header Authorization: Bearer <token>\n",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="cm-policy"'
+            return response
+        if len(self.sessions) >= self.max_sessions:
+            return _answer(
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"too many sessions: this server takes {self.max_sessions} at once "
+                "(serve.max_sessions); try again later\n",
+            )
         return None
 
     # --- sessions ------------------------------------------------------------------------------
     async def _handle(self, connection: ServerConnection) -> None:
-        session = Session()
+        session = Session(self.max_rate)
         self.sessions.add(session)
         closed = asyncio.ensure_future(connection.wait_closed())
         try:
@@ -225,6 +269,12 @@ class PolicyServer:
         received = time.perf_counter()
         kind = None
         try:
+            if session.limiter is not None and not session.limiter.allow():
+                raise ProtocolError(
+                    "rate limit: too many requests in this session",
+                    expected=f"at most {self.max_rate:g} requests per second (serve.max_rate)",
+                    got="more",
+                )
             message = unpack(raw, self.max_message_bytes)
             kind = check_fields(message)
             if kind == "health":
@@ -420,6 +470,22 @@ def _optional_int(message: Mapping[str, Any], key: str, low: int, high: int) -> 
     return value
 
 
+def _answer(connection: ServerConnection, status: HTTPStatus, text: str) -> Response:
+    """A plain HTTP answer in place of the WebSocket upgrade. websockets aborts the transport of
+    such a connection right after writing it; over TLS the answer can still sit in the
+    transport's buffer then, and the client would see the connection drop instead (about 1 in
+    60 refusals here). Closing flushes the buffer first, so the transport's close stands in for
+    its abort on this connection."""
+    transport = connection.transport
+    transport.abort = transport.close  # type: ignore[method-assign]
+    return connection.respond(status, text)
+
+
+def _peer(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return f"{address[0]}:{address[1]}" if address else "a client"
+
+
 def _bound_port(server: Server) -> int:
     return server.sockets[0].getsockname()[1]
 
@@ -431,10 +497,12 @@ def run_server(
     port: int = DEFAULT_PORT,
     threads: int = 1,
     on_ready: Callable[[str, int], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     **options: Any,
 ) -> None:
     """Serve ``policy`` (a Backend or a torch Policy) until SIGTERM/SIGINT with ``threads``
-    inference threads; ``options`` go to :class:`PolicyServer`."""
+    inference threads, over TLS with ``ssl_context``; ``options`` go to :class:`PolicyServer`."""
     backend = policy if isinstance(policy, Backend) else TorchBackend(policy)
     backend.set_threads(threads)
-    asyncio.run(PolicyServer(backend, **options).serve(host, port, on_ready))
+    server = PolicyServer(backend, **options)
+    asyncio.run(server.serve(host, port, on_ready, ssl_context))

@@ -24,12 +24,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cm_policy.checkpoint import (
+    DamagedCheckpointError,
     load_training_state,
     numpy_rng_from_state,
     numpy_rng_state,
     resolve_checkpoint,
     save_checkpoint,
     split_weights,
+    write_text_atomic,
 )
 from cm_policy.evaluation.runner import evaluate_config
 from cm_policy.policy import Policy
@@ -37,8 +39,9 @@ from cm_policy.training.data import TrainingData, fit_normalizer
 from cm_policy.training.distributed import Replica, local_slices, process_group, slice_seed
 
 
-def policy_spec(cfg: DictConfig) -> dict[str, Any]:
-    """The part of a training config that defines the policy (saved with every checkpoint)."""
+def policy_spec(cfg: DictConfig, data: TrainingData | None = None) -> dict[str, Any]:
+    """The part of a training config that defines the policy (saved with every checkpoint),
+    with every camera's frame shape as ``data`` has them (else as the config declares)."""
     spec = OmegaConf.to_container(
         OmegaConf.create(
             {
@@ -53,6 +56,8 @@ def policy_spec(cfg: DictConfig) -> dict[str, Any]:
         resolve=True,
     )
     assert isinstance(spec, dict)
+    if data is not None and data.image_shapes:
+        spec["task"]["image_shape"] = {k: list(s) for k, s in data.image_shapes.items()}
     return spec
 
 
@@ -142,7 +147,7 @@ def build(cfg: DictConfig, replica: Replica) -> Run:
     rng = np.random.default_rng(cfg.seed)
     data = TrainingData(cfg)
     device = replica.device
-    policy = Policy(policy_spec(cfg), fit_normalizer(cfg, data).to(device)).to(device)
+    policy = Policy(policy_spec(cfg, data), fit_normalizer(cfg, data).to(device)).to(device)
     ema = copy.deepcopy(policy).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -156,8 +161,16 @@ def build(cfg: DictConfig, replica: Replica) -> Run:
 
 
 def resume(run: Run, path: str | Path) -> None:
-    """Continue ``run`` from a checkpoint: weights, normaliser, optimiser, schedule, RNGs."""
-    state = load_training_state(resolve_checkpoint(path))
+    """Continue ``run`` from a checkpoint: weights, normaliser, optimiser, schedule, RNGs.
+
+    Every file read is checked against the checkpoint's manifest: a damaged checkpoint is
+    refused (naming the file and the run's checkpoints that verify), never resumed from."""
+    try:
+        state = load_training_state(resolve_checkpoint(path))
+    except DamagedCheckpointError as exc:
+        raise DamagedCheckpointError(
+            f"resume={path}: not resuming from damaged weights: {exc}"
+        ) from None
     network, normalizer = split_weights(state["model"])
     run.policy.load_state_dict(network)
     run.ema.load_state_dict(split_weights(state["ema"])[0])
@@ -246,12 +259,14 @@ class Trainer:
     def _open_outputs(self) -> None:
         """config.yaml, TensorBoard, and the log cut back to the checkpoint a run resumes from."""
         run = self.run
-        (run.run_dir / "config.yaml").write_text(self.config_yaml)
+        # config.yaml and the log are replaced atomically: a run killed here and resumed finds
+        # them whole (a campaign reads config.yaml to tell whether the run can go on).
+        write_text_atomic(run.run_dir / "config.yaml", self.config_yaml)
         self.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
         if self.log_path.exists():
             lines = self.log_path.read_text().splitlines()
             kept = [x for x in lines if json.loads(x)["step"] <= run.start_step]
-            self.log_path.write_text("".join(x + "\n" for x in kept))
+            write_text_atomic(self.log_path, "".join(x + "\n" for x in kept))
             run.wall_offset = json.loads(kept[-1])["wall_s"] if kept and run.start_step else 0.0
 
     def _announce(self) -> None:

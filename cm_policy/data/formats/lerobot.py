@@ -29,7 +29,9 @@ resized). Episodes follow ``episode_index``. The bookkeeping columns and string 
 left out unless ``keys=`` names them (strings cannot be). Where it came from (source folders,
 codebase versions, fps, the original feature names and definitions) is kept in the buffer's
 root attributes (``lerobot``) and, with each source's ``info.json``, in
-``<OUT>/lerobot_source.json``.
+``<OUT>/lerobot_source.json``. ``<OUT>/task.yaml`` is the buffer's task config, every feature
+named, at the dataset's fps (:mod:`cm_policy.data.task_file`):
+``cm-policy train task=<OUT>/task.yaml`` trains on it.
 
 Everything is checked before and while it is read; an inconsistency (no ``meta/info.json``, an
 unsupported version, an unknown ``keys=`` feature, an episode whose frames disagree with the
@@ -54,6 +56,7 @@ from cm_policy.data.formats import DataFormat
 from cm_policy.data.outputs import OutputExistsError as OutputExistsError  # re-exported
 from cm_policy.data.outputs import prepare_output
 from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer, atomic_directory
+from cm_policy.data.task_file import TASK_FILE, write_task_file
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 INFO_PATH = "meta/info.json"
@@ -755,6 +758,9 @@ def convert_lerobot(
         _write_attrs(tmp, attrs)
         record = {**attrs, "info": {str(s.root.resolve()): s.info for s in opened}}
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2, default=str))
+        # After the attributes: the task's control_hz is the fps they record.
+        write_task_file(tmp, made_by="cm-policy data convert lerobot", location=out)
+        buffer.close()  # its manifest, before the folder is renamed into place
     return {
         "sources": [str(s.root) for s in opened],
         "codebase_version": [s.version for s in opened],
@@ -765,6 +771,7 @@ def convert_lerobot(
         "shapes": {k: v[0] for k, v in shapes.items()},
         "resize": list(size) if size else None,
         "out": str(out),
+        "task_file": str(out / TASK_FILE),
         "wall_s": round(time.perf_counter() - started, 3),
     }
 
