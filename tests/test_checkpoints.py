@@ -295,3 +295,16 @@ def test_resume_from_a_damaged_latest_is_refused_naming_the_file_and_the_others(
         for name, tensor in straight[key].items():
             assert torch.equal(tensor, again[key][name]), f"{key}:{name}"
     assert [e.status for e in list_checkpoints(run)] == ["ok", "ok", "ok"]
+
+
+def test_a_log_line_cut_short_is_left_out_on_resume(tmp_path: Path):
+    """A machine that stops while a log line is appended leaves it cut short: resume reads the
+    entries before it; a damaged line before the last is an error naming file and line."""
+    from cm_policy.training.trainer import read_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "wall_s": 0.5}\n{"step": 2, "wall_s": 1.0}\n{"step": 3, "wa')
+    assert read_log(log) == [{"step": 1, "wall_s": 0.5}, {"step": 2, "wall_s": 1.0}]
+    log.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"train_log.jsonl, line 2: not a JSON log entry"):
+        read_log(log)

@@ -185,6 +185,25 @@ def resume(run: Run, path: str | Path) -> None:
     run.history = ts.get("history", [])
 
 
+def read_log(path: Path) -> list[dict]:
+    """The entries of a run's ``train_log.jsonl``. A last line cut short (the machine stopped
+    while it was appended: a power loss) is left out; a damaged line before it is an error
+    naming the file and the line."""
+    lines = path.read_text().splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(
+                f"{path}, line {number}: not a JSON log entry ({line[:60]!r}); expected one "
+                "entry per line (move the file aside to resume without its history)"
+            ) from None
+    return entries
+
+
 def eval_interval(cfg: DictConfig) -> int | None:
     """``training.eval_every``, checked: None never evaluates, 0 evaluates once at the end of
     training, N > 0 every N steps and at the end."""
@@ -264,10 +283,10 @@ class Trainer:
         write_text_atomic(run.run_dir / "config.yaml", self.config_yaml)
         self.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
         if self.log_path.exists():
-            lines = self.log_path.read_text().splitlines()
-            kept = [x for x in lines if json.loads(x)["step"] <= run.start_step]
-            write_text_atomic(self.log_path, "".join(x + "\n" for x in kept))
-            run.wall_offset = json.loads(kept[-1])["wall_s"] if kept and run.start_step else 0.0
+            entries = read_log(self.log_path)
+            kept = [e for e in entries if e["step"] <= run.start_step]
+            write_text_atomic(self.log_path, "".join(json.dumps(e) + "\n" for e in kept))
+            run.wall_offset = kept[-1]["wall_s"] if kept and run.start_step else 0.0
 
     def _announce(self) -> None:
         run, tc, replica = self.run, self.tc, self.run.replica
