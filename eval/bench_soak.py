@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import secrets
 import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,7 +36,7 @@ from tqdm import tqdm
 
 from cm_policy.evaluation.machine import describe_machine
 from cm_policy.serve import PolicyClient
-from cm_policy.serve.launch import spawn_server, stop_server
+from cm_policy.serve.launch import local_certificate, spawn_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
@@ -54,23 +52,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def certificate(folder: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise SystemExit("openssl is needed for the TLS certificate (or pass --plain)")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
-            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 class Session(threading.Thread):
@@ -144,7 +125,7 @@ def main() -> None:
     options, token, ca, scheme = [f"threads={args.threads}"], None, None, "ws"
     env = {}
     if not args.plain:
-        cert, key = certificate(folder)
+        cert, key = local_certificate(folder)
         token, ca, scheme = secrets.token_urlsafe(32), str(cert), "wss"
         env["CM_POLICY_SERVE_TOKEN"] = token
         options += [f"tls_cert={cert}", f"tls_key={key}"]

@@ -5,7 +5,6 @@ subprocess."""
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import sys
@@ -26,7 +25,13 @@ from cm_policy.checkpoint import save_policy
 from cm_policy.data import LinearNormalizer
 from cm_policy.policy import Policy
 from cm_policy.serve import PolicyClient, ServerError, ServerRefused
-from cm_policy.serve.launch import free_port, healthz, spawn_server, stop_server
+from cm_policy.serve.launch import (
+    free_port,
+    healthz,
+    local_certificate,
+    spawn_server,
+    stop_server,
+)
 from cm_policy.serve.security import (
     TOKEN_ENV,
     RateLimiter,
@@ -61,33 +66,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost and 127.0.0.1, made with openssl here."""
-    openssl = shutil.which("openssl")
-    assert openssl, "the openssl command is needed to make the test's certificate"
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return local_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")

@@ -697,7 +697,7 @@ def against_reference(
         "| success difference | score, success | seeds' scores (entry; reference) |",
         "|---|---|---|---|---|---|---|",
     ]
-    names = list(dict.fromkeys(name for name, _ in pools))
+    names = entry_names(pools)
     for name in names:
         if name == ref:
             continue
@@ -745,7 +745,7 @@ def changes_between_marks(
         "(score, success) |",
         "|---|---|---|---|---|",
     ]
-    names = list(dict.fromkeys(name for name, _ in pools))
+    names = entry_names(pools)
     word = {"above": "rising", "below": "falling", "level": "flat"}
     for name in names:
         for before, after in itertools.pairwise(plan.marks):
@@ -765,6 +765,11 @@ def changes_between_marks(
 
 
 Pools = dict[tuple[str, float], tuple[list[dict], int, dict]]
+
+
+def entry_names(pools: Pools) -> list[str]:
+    """The 'run sampler' entries that have a pooled figure, in the plan's order."""
+    return list(dict.fromkeys(name for name, _ in pools))
 
 
 def marks_of(plan: Plan, pools: Pools, name: str) -> list[float]:
@@ -843,7 +848,7 @@ def answer_trend(plan: Plan, pools: Pools, names: list[str]) -> list[str]:
 
 
 def answer_flat(plan: Plan, pools: Pools) -> list[str]:
-    names = list(dict.fromkeys(name for name, _ in pools))
+    names = entry_names(pools)
     flat, moving, early = [], [], []
     for name in names:
         marks = marks_of(plan, pools, name)
@@ -864,7 +869,7 @@ def answer_flat(plan: Plan, pools: Pools) -> list[str]:
 
 
 def answer_seeds(plan: Plan, pools: Pools) -> list[str]:
-    names = list(dict.fromkeys(name for name, _ in pools))
+    names = entry_names(pools)
     lines = [
         "At each entry's last mark with two seeds or more: each seed's mean_score, the spread "
         "(largest minus smallest) and the largest half-width of one seed's own 95% episode "

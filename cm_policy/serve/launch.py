@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def local_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and its key for localhost and 127.0.0.1 in ``folder``, made
+    with the openssl command (a server with TLS for tests and benchmarks on this machine)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise FileNotFoundError("the openssl command is needed to make a TLS certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
 
 
 def healthz(port: int, host: str = "127.0.0.1", ca: str | Path | None = None) -> int:
