@@ -138,8 +138,20 @@ def test_data_info_shows_the_buffer_s_file_and_whether_it_matches(tmp_path: Path
         edited.replace("velocity: 4", "velocity: 5").replace("action_dim: 2", "action_dim: 3")
     )
     described = describe_task(path)
-    assert "it differs from the buffer's arrays: action_dim 3" in described
-    assert "low_dim velocity: 5, the buffer's velocity: size 4" in described
+    assert "it differs from the buffer's arrays: low_dim velocity: declared size 5" in described
+    assert "low_dim velocity: declared size 5, the data has size 4" in described
+    assert "action: declared action_dim 3, the data has size 2" in described
+    # A left-out array named as a feature says why it is none; a missing one says so.
+    written.write_text(
+        edited.replace("  velocity: 4\n", "  velocity: 4\n  done: 1\n  speed: 2\n").replace(
+            "[wrist]", "[wrist, grid]"
+        )
+    )
+    described = describe_task(path)
+    assert "low_dim done: declared size 1, the data's done is no feature: dtype bool" in described
+    assert "low_dim speed: declared size 2, the data has no such array" in described
+    assert "camera grid: the data's grid is no feature: (3, 2) per step" in described
+    assert "low_dim velocity" not in described.splitlines()[0]
     written.write_text("- a list\n")
     assert "it differs from the buffer's arrays: not a YAML mapping" in describe_task(path)
 

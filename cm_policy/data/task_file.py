@@ -224,35 +224,56 @@ def write_task_file(
     return path
 
 
-def mismatches(config: Mapping[str, Any], task: DerivedTask) -> list[str]:
-    """How a task config's features disagree with those derived from the buffer (features the
-    buffer lacks, or holds with another size); deleting features is no disagreement."""
-    derived = task.config
-    found = []
-    if config.get("action_dim") != derived["action_dim"]:
-        found.append(
-            f"action_dim {config.get('action_dim')}, the buffer's {ACTION_KEY} has "
-            f"{derived['action_dim']}"
-        )
-    low_dim = config.get("low_dim") or {}
+def mismatches(
+    task: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    left_out: Mapping[str, str] | None = None,
+) -> list[str]:
+    """How a task config differs from the arrays it trains on, given their ``shapes``
+    ``(N, ...)``: every low-dim key ``(N, size)``, every camera ``(N, H, W, 3)`` at its declared
+    shape (if one is declared), the action ``(N, action_dim)``; ``left_out`` (key -> why) names
+    arrays that are no feature whatever their shape. Empty when they agree; deleting features
+    is no difference. The one check behind training's refusal and ``cm-policy data info``."""
+    problems = []
+
+    def has(key: str) -> str:
+        if key in (left_out or {}):
+            return f"the data's {key} is no feature: {left_out[key]}"
+        if key not in shapes:
+            return "the data has no such array"
+        return f"the data has {_per_step(shapes[key])}"
+
+    low_dim = task.get("low_dim") or {}
     for key, size in low_dim.items() if isinstance(low_dim, Mapping) else ():
-        have = derived["low_dim"].get(key)
-        if have == size:
+        shape = shapes.get(key)
+        if key in (left_out or {}) or shape is None or len(shape) != 2 or shape[1] != size:
+            problems.append(f"low_dim {key}: declared size {size}, {has(key)}")
+    declared = task.get("image_shape")
+    for key in task.get("image_keys") or []:
+        want = declared.get(key) if isinstance(declared, Mapping) else declared
+        if key in (left_out or {}) or key not in shapes:
+            problems.append(f"camera {key}: {has(key)}")
             continue
-        if key in task.left_out:
-            what = task.left_out[key]
-        elif have is not None:
-            what = f"size {have}"
-        else:
-            what = "a camera" if key in derived.get("image_shape", {}) else "no such array"
-        found.append(f"low_dim {key}: {size}, the buffer's {key}: {what}")
-    shapes = config.get("image_shape")
-    for key in config.get("image_keys") or []:
-        want = shapes.get(key) if isinstance(shapes, Mapping) else shapes
-        have = derived.get("image_shape", {}).get(key)
-        if have is None or (want is not None and list(want) != have):
-            found.append(f"camera {key}: {want}, the buffer's: {have or 'no such camera'}")
-    return found
+        frame = tuple(shapes[key][1:])
+        if len(frame) != 3 or frame[2] != 3:
+            problems.append(f"camera {key}: expected frames (height, width, 3), {has(key)}")
+        elif want is not None and tuple(want) != frame:
+            problems.append(
+                f"camera {key}: declared image_shape {list(want)}, the data has {list(frame)}"
+            )
+    if isinstance(declared, Mapping):
+        cameras = set(task.get("image_keys") or [])
+        problems += [
+            f"image_shape {k}: not one of image_keys" for k in declared if k not in cameras
+        ]
+    action, action_dim = shapes.get(ACTION_KEY), task.get("action_dim")
+    if action is None or len(action) != 2 or action[1] != action_dim:
+        problems.append(f"{ACTION_KEY}: declared action_dim {action_dim}, {has(ACTION_KEY)}")
+    return problems
+
+
+def _per_step(shape: tuple[int, ...]) -> str:
+    return f"size {shape[1]}" if len(shape) == 2 else f"shape {tuple(shape[1:])} per step"
 
 
 def describe_task(buffer_path: str | Path) -> str:
@@ -276,8 +297,12 @@ def describe_task(buffer_path: str | Path) -> str:
     except yaml.YAMLError as exc:
         problems = [f"not valid YAML: {' '.join(str(exc).split())}"]
     else:
+        buffer = ReplayBuffer.open(path)
+        shapes = {k: tuple(buffer[k].shape) for k in buffer.keys}
         problems = (
-            mismatches(config, task) if isinstance(config, Mapping) else ["not a YAML mapping"]
+            mismatches(config, shapes, task.left_out)
+            if isinstance(config, Mapping)
+            else ["not a YAML mapping"]
         )
     verdict = (
         "it matches the buffer's arrays"

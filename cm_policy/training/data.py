@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from cm_policy.data import DatasetError, LinearNormalizer, ReplayBuffer, SequenceSampler
 from cm_policy.data.sampler import downsample_mask, get_val_mask
+from cm_policy.data.task_file import mismatches
 from cm_policy.tasks import load_task
 
 
@@ -32,7 +33,8 @@ class TrainingData:
         with lazy.naming_damaged_chunks():  # a damaged image chunk: a DatasetError naming it
             self.arrays = task.dataset_obs(raw)
         self.arrays["action"] = np.asarray(buffer["action"], dtype=np.float32)
-        _refuse(cfg.task, path, task_mismatches(cfg.task, self.arrays))
+        shapes = {k: tuple(a.shape) for k, a in self.arrays.items()}
+        _refuse(cfg.task, path, mismatches(cfg.task, shapes))
         # Every camera's frame shape, as the data has them (checked against any declared):
         # the policy's spec carries them, so a checkpoint always knows its cameras' sizes.
         self.image_shapes = {
@@ -92,44 +94,6 @@ def _dtype_mismatches(buffer: ReplayBuffer, keys: list[str]) -> list[str]:
         for k in keys
         if np.dtype(buffer[k].dtype).kind not in "biuf"
     ]
-
-
-def task_mismatches(task: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> list[str]:
-    """How the observation and action arrays (N, ...) differ from what the task config
-    declares: every low-dim key (N, size), every camera (N, H, W, 3) at its declared shape (if
-    one is declared), the action (N, action_dim). Empty when they agree."""
-    problems = []
-    for key, size in (task.get("low_dim") or {}).items():
-        shape = arrays[key].shape
-        if len(shape) != 2 or shape[1] != int(size):
-            problems.append(f"low_dim {key}: declared size {size}, the data has {_per_step(shape)}")
-    declared = task.get("image_shape")
-    for key in task.get("image_keys") or []:
-        shape = tuple(arrays[key].shape[1:])
-        want = declared.get(key) if isinstance(declared, Mapping) else declared
-        if len(shape) != 3 or shape[2] != 3:
-            problems.append(
-                f"camera {key}: expected frames (height, width, 3), the data has {shape}"
-            )
-        elif want is not None and tuple(want) != shape:
-            problems.append(
-                f"camera {key}: declared image_shape {list(want)}, the data has {list(shape)}"
-            )
-    if isinstance(declared, Mapping):
-        cameras = set(task.get("image_keys") or [])
-        problems += [
-            f"image_shape {k}: not one of image_keys" for k in declared if k not in cameras
-        ]
-    action = arrays["action"].shape
-    if len(action) != 2 or action[1] != int(task["action_dim"]):
-        problems.append(
-            f"action: declared action_dim {task['action_dim']}, the data has {_per_step(action)}"
-        )
-    return problems
-
-
-def _per_step(shape: tuple[int, ...]) -> str:
-    return f"size {shape[1]}" if len(shape) == 2 else f"shape {tuple(shape[1:])} per step"
 
 
 def _refuse(task: Mapping[str, Any], path: Path, problems: list[str]) -> None:
