@@ -449,7 +449,7 @@ def test_report_answers_the_plan_s_questions(tmp_path: Path):
         marks_min=[],
         marks_steps=[100, 200, 300],
         runs=[
-            {"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]},
+            {"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1", "2"]},
             {"name": "naive", "method": "meanflow", "seeds": [0, 1], "samplers": ["1"]},
             {"name": "base", "method": "ddpm", "seeds": [0, 1], "samplers": ["ddim:10"]},
         ],
@@ -464,22 +464,24 @@ def test_report_answers_the_plan_s_questions(tmp_path: Path):
     plan_file.write_text(yaml.safe_dump(plan))
     loaded = campaign.Plan.load(plan_file)
 
-    # Per seed (0, 1): gen rises then holds; naive peaks at 200 and falls; base only reaches
-    # 200 and its seeds differ by 0.1 (beyond one seed's half-width 0.02).
+    # Per seed (0, 1): gen rises then holds; gen 2 the same with its success rising from 200
+    # to 300; naive peaks at 200 and falls; base only reaches 200 and its seeds differ by 0.1
+    # (beyond one seed's half-width 0.02). Success 0.4 unless a third value says otherwise.
     curves = {
         ("gen", "1"): {100: (0.80, 0.80), 200: (0.90, 0.90), 300: (0.91, 0.90)},
+        ("gen", "2"): {100: (0.80, 0.80), 200: (0.90, 0.90), 300: (0.91, 0.90, 0.6)},
         ("naive", "1"): {100: (0.85, 0.85), 200: (0.93, 0.93), 300: (0.85, 0.85)},
         ("base", "ddim:10"): {100: (0.70, 0.80), 200: (0.85, 0.95)},
     }
+    caches: dict = {}
     for (name, label), marks in curves.items():
         for seed in (0, 1):
-            cache = {
-                "marks": {
-                    str(k): {"minutes": k / 60, "entries": {label: seed_entry(v[seed], 0.4)}}
-                    for k, v in marks.items()
-                }
-            }
-            campaign.write_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
+            cache = caches.setdefault((name, seed), {"marks": {}})
+            for k, v in marks.items():
+                mark = cache["marks"].setdefault(str(k), {"minutes": k / 60, "entries": {}})
+                mark["entries"][label] = seed_entry(v[seed], v[2] if len(v) > 2 else 0.4)
+    for (name, seed), cache in caches.items():
+        campaign.write_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
     text = campaign.write_report(loaded, {"gen": 1.0, "naive": 1.0, "base": 1.0}, "cmd").read_text()
     section = text.split("## Does gen reach base?")[1].split("\n## ")[0]
     # 200 steps: gen 0.90 / 0.90 per seed -> 0.90; base 0.85 / 0.95 -> 0.90: level.
@@ -496,8 +498,14 @@ def test_report_answers_the_plan_s_questions(tmp_path: Path):
     )
     assert "Mean_score best at its last mark (300): no degradation" in section
     section = text.split("## Which curves are flat?")[1].split("\n## ")[0]
-    assert "- flat: `gen 1` (200 -> 300: +0.005 +- 0.020)" in section
-    assert "- still moving: `naive 1` (200 -> 300: -0.080 +- 0.020), `base ddim:10`" in section
+    # Flat: both changes' intervals hold 0; gen 2's score is as flat, its success rises.
+    flat = "- flat: `gen 1` (200 -> 300: mean_score +0.005 +- 0.020 flat, success +0.000 ["
+    assert flat in section and section.count("`gen 1`") == 1
+    moving = section.split("- still moving: ")[1].split("\n")[0]
+    assert "`gen 2` (200 -> 300: mean_score +0.005 +- 0.020 flat, success +0.200 [" in moving
+    assert "] rising)" in moving.split("`gen 2`")[1].split("`")[0]
+    assert "`naive 1` (200 -> 300: mean_score -0.080 +- 0.020 falling" in moving
+    assert "`base ddim:10` (100 -> 200: mean_score +0.150 +- 0.020 rising" in moving
     section = text.split("## How far apart are the seeds?")[1].split("\n## ")[0]
     assert (
         "- `base ddim:10` at 200: 0.850, 0.950; spread 0.100 against 0.020 (**beyond**" in section

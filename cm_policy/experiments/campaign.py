@@ -851,16 +851,24 @@ def answer_flat(plan: Plan, pools: Pools) -> list[str]:
     names = entry_names(pools)
     flat, moving, early = [], [], []
     for name in names:
+        # The marks with as many seeds as the first (a seed still training is left out).
         marks = marks_of(plan, pools, name)
+        marks = [m for m in marks if len(pools[name, m][0]) == len(pools[name, marks[0]][0])]
         if len(marks) < 2:
             early.append(f"`{name}`")
             continue
-        ds, hs, _, _ = difference(pools[name, marks[-1]][2], pools[name, marks[-2]][2])
-        text = f"`{name}` ({marks[-2]:g} -> {marks[-1]:g}: {ds:+.3f} +- {hs:.3f})"
-        (flat if reading(ds - hs, ds + hs) == "level" else moving).append(text)
+        ds, hs, ss, (lp, hp) = difference(pools[name, marks[-1]][2], pools[name, marks[-2]][2])
+        readings = (reading(ds - hs, ds + hs), reading(lp, hp))
+        word = {"above": "rising", "below": "falling", "level": "flat"}
+        text = (
+            f"`{name}` ({marks[-2]:g} -> {marks[-1]:g}: mean_score {ds:+.3f} +- {hs:.3f} "
+            f"{word[readings[0]]}, success {ss:+.3f} [{lp:+.3f}, {hp:+.3f}] {word[readings[1]]})"
+        )
+        (flat if readings == ("level", "level") else moving).append(text)
     return [
-        "A curve is flat at its last mark when the 95% interval of its last change of "
-        "mean_score holds 0 (the table 'From one mark to the next').",
+        "A curve is flat at its last mark when the 95% intervals of its last changes of "
+        "mean_score and of success both hold 0 (the table 'From one mark to the next'); a "
+        "change of either beyond its interval keeps it moving.",
         "",
         f"- flat: {', '.join(flat) or 'none'}",
         f"- still moving: {', '.join(moving) or 'none'}",
