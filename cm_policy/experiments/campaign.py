@@ -968,6 +968,7 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
     from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.4), squeeze=False)
+    spans = [[1.0, 0.0], [1.0, 0.0]]  # each row's lowest and highest value drawn
     for i, (name, pts) in enumerate(sorted(curves.items())):
         pts = sorted(pts, key=lambda q: q["step"])
         color = f"C{i % 10}"
@@ -983,6 +984,8 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
                 seed_x = [q[x_key] for q in pts for _ in q["seeds"]]
                 seed_y = [v[row] for q in pts for v in q["seeds"]]
                 ax.plot(seed_x, seed_y, "o", mfc="none", color=color, ms=5, alpha=0.7)
+                spans[row][0] = min(spans[row][0], *lo, *seed_y)
+                spans[row][1] = max(spans[row][1], *hi, *seed_y)
     for row, title in enumerate(("mean_score", "success rate")):
         for col, xlabel in enumerate(
             ("training compute (minutes of one CPU thread)", "training steps")
@@ -997,9 +1000,11 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
                 else:  # plain numbers, not powers of 2
                     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.set_title(f"{title}: pooled (line, 95% band) and each seed (open)")
-            ax.set_ylim(0, 1.02)
+            # Zoomed to what is drawn (scores near 1 differ in the second decimal).
+            low, high = spans[row]
+            ax.set_ylim(max(0.0, low - 0.03), min(1.02, high + 0.03) if high > low else 1.02)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=110)
     plt.close(fig)
