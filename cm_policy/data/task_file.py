@@ -50,11 +50,12 @@ _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 class DerivedTask:
     """A task config derived from a buffer: ``config`` is what ``task.yaml`` holds,
     ``left_out`` the arrays that are no feature (key -> why), ``control_hz_source`` where the
-    rate came from (the comment beside it)."""
+    rate came from (the comment beside it), ``shapes`` every array's shape ``(N, ...)``."""
 
     config: dict[str, Any]
     left_out: dict[str, str]
     control_hz_source: str
+    shapes: dict[str, tuple[int, ...]]
 
 
 def _is_camera(shape: tuple[int, ...], dtype: np.dtype) -> bool:
@@ -143,7 +144,8 @@ def derive_task(
     }
     if cameras:
         config["image_shape"] = cameras
-    return DerivedTask(config, left_out, control_hz_source)
+    shapes = {key: tuple(int(s) for s in buffer[key].shape) for key in buffer.keys}
+    return DerivedTask(config, left_out, control_hz_source, shapes)
 
 
 def _scalar(text: str) -> str:
@@ -235,9 +237,10 @@ def mismatches(
     arrays that are no feature whatever their shape. Empty when they agree; deleting features
     is no difference. The one check behind training's refusal and ``cm-policy data info``."""
     problems = []
+    left_out = left_out or {}
 
     def has(key: str) -> str:
-        if key in (left_out or {}):
+        if key in left_out:
             return f"the data's {key} is no feature: {left_out[key]}"
         if key not in shapes:
             return "the data has no such array"
@@ -246,12 +249,12 @@ def mismatches(
     low_dim = task.get("low_dim") or {}
     for key, size in low_dim.items() if isinstance(low_dim, Mapping) else ():
         shape = shapes.get(key)
-        if key in (left_out or {}) or shape is None or len(shape) != 2 or shape[1] != size:
+        if key in left_out or shape is None or len(shape) != 2 or shape[1] != _int(size):
             problems.append(f"low_dim {key}: declared size {size}, {has(key)}")
     declared = task.get("image_shape")
     for key in task.get("image_keys") or []:
         want = declared.get(key) if isinstance(declared, Mapping) else declared
-        if key in (left_out or {}) or key not in shapes:
+        if key in left_out or key not in shapes:
             problems.append(f"camera {key}: {has(key)}")
             continue
         frame = tuple(shapes[key][1:])
@@ -267,9 +270,17 @@ def mismatches(
             f"image_shape {k}: not one of image_keys" for k in declared if k not in cameras
         ]
     action, action_dim = shapes.get(ACTION_KEY), task.get("action_dim")
-    if action is None or len(action) != 2 or action[1] != action_dim:
+    if action is None or len(action) != 2 or action[1] != _int(action_dim):
         problems.append(f"{ACTION_KEY}: declared action_dim {action_dim}, {has(ACTION_KEY)}")
     return problems
+
+
+def _int(value: Any) -> int | None:
+    """A declared size as an int (a YAML "3" counts as 3), None when it is no number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _per_step(shape: tuple[int, ...]) -> str:
@@ -297,10 +308,8 @@ def describe_task(buffer_path: str | Path) -> str:
     except yaml.YAMLError as exc:
         problems = [f"not valid YAML: {' '.join(str(exc).split())}"]
     else:
-        buffer = ReplayBuffer.open(path)
-        shapes = {k: tuple(buffer[k].shape) for k in buffer.keys}
         problems = (
-            mismatches(config, shapes, task.left_out)
+            mismatches(config, task.shapes, task.left_out)
             if isinstance(config, Mapping)
             else ["not a YAML mapping"]
         )

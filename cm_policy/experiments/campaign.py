@@ -677,6 +677,10 @@ def reading(low: float, high: float) -> str:
     return "above" if low > 0 else "below" if high < 0 else "level"
 
 
+# How a change between two marks reads, from the reading of its interval (:func:`reading`).
+TREND_WORDS = {"above": "rising", "below": "falling", "level": "flat"}
+
+
 def against_reference(
     plan: Plan, pools: dict[tuple[str, float], tuple[list[dict], int, dict]]
 ) -> list:
@@ -746,7 +750,6 @@ def changes_between_marks(
         "|---|---|---|---|---|",
     ]
     names = entry_names(pools)
-    word = {"above": "rising", "below": "falling", "level": "flat"}
     for name in names:
         for before, after in itertools.pairwise(plan.marks):
             if (name, before) not in pools or (name, after) not in pools:
@@ -759,7 +762,7 @@ def changes_between_marks(
             lines.append(
                 f"| {name} | {before:g} -> {after:g} | {ds:+.3f} +- {hs:.3f} | "
                 f"{dp:+.3f} [{lp:+.3f}, {hp:+.3f}] | "
-                f"{word[reading(ds - hs, ds + hs)]}, {word[reading(lp, hp)]} |"
+                f"{TREND_WORDS[reading(ds - hs, ds + hs)]}, {TREND_WORDS[reading(lp, hp)]} |"
             )
     return without_empty_table(lines, "No entry has two consecutive marks with the same seeds yet.")
 
@@ -774,6 +777,12 @@ def entry_names(pools: Pools) -> list[str]:
 
 def marks_of(plan: Plan, pools: Pools, name: str) -> list[float]:
     return [m for m in plan.marks if (name, m) in pools]
+
+
+def complete_marks(plan: Plan, pools: Pools, name: str) -> list[float]:
+    """``name``'s marks with as many seeds as its first (a seed still training is left out)."""
+    marks = marks_of(plan, pools, name)
+    return [m for m in marks if len(pools[name, m][0]) == len(pools[name, marks[0]][0])]
 
 
 def seeds_done(pools: Pools, name: str, mark: float) -> str:
@@ -817,20 +826,16 @@ def answer_compare(plan: Plan, pools: Pools, a: str, b: str) -> list[str]:
 
 def answer_trend(plan: Plan, pools: Pools, names: list[str]) -> list[str]:
     lines = []
-    word = {"above": "rising", "below": "falling", "level": "flat"}
     for name in names:
-        # The marks with as many seeds as the first (a seed still training is left out).
-        marks = marks_of(plan, pools, name)
-        marks = [m for m in marks if len(pools[name, m][0]) == len(pools[name, marks[0]][0])]
+        marks = complete_marks(plan, pools, name)
         if len(marks) < 2:
             lines.append(f"- `{name}`: not answered yet ({len(marks)} mark(s) in).")
             continue
         steps = []
         for before, after in itertools.pairwise(marks):
             ds, hs, _, _ = difference(pools[name, after][2], pools[name, before][2])
-            steps.append(
-                f"{before:g} -> {after:g} {word[reading(ds - hs, ds + hs)]} ({ds:+.3f} +- {hs:.3f})"
-            )
+            trend = TREND_WORDS[reading(ds - hs, ds + hs)]
+            steps.append(f"{before:g} -> {after:g} {trend} ({ds:+.3f} +- {hs:.3f})")
         best = max(marks, key=lambda m: pools[name, m][2]["score"])
         last = marks[-1]
         if best == last:
@@ -851,18 +856,16 @@ def answer_flat(plan: Plan, pools: Pools) -> list[str]:
     names = entry_names(pools)
     flat, moving, early = [], [], []
     for name in names:
-        # The marks with as many seeds as the first (a seed still training is left out).
-        marks = marks_of(plan, pools, name)
-        marks = [m for m in marks if len(pools[name, m][0]) == len(pools[name, marks[0]][0])]
+        marks = complete_marks(plan, pools, name)
         if len(marks) < 2:
             early.append(f"`{name}`")
             continue
         ds, hs, ss, (lp, hp) = difference(pools[name, marks[-1]][2], pools[name, marks[-2]][2])
         readings = (reading(ds - hs, ds + hs), reading(lp, hp))
-        word = {"above": "rising", "below": "falling", "level": "flat"}
+        on_score, on_success = (TREND_WORDS[r] for r in readings)
         text = (
             f"`{name}` ({marks[-2]:g} -> {marks[-1]:g}: mean_score {ds:+.3f} +- {hs:.3f} "
-            f"{word[readings[0]]}, success {ss:+.3f} [{lp:+.3f}, {hp:+.3f}] {word[readings[1]]})"
+            f"{on_score}, success {ss:+.3f} [{lp:+.3f}, {hp:+.3f}] {on_success})"
         )
         (flat if readings == ("level", "level") else moving).append(text)
     return [
