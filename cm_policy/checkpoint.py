@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cm_policy.atomic import process_alive, write_text_atomic
 from cm_policy.data.normalizer import LinearNormalizer
 from cm_policy.device import resolve_device
 from cm_policy.policy import Policy
@@ -87,14 +88,6 @@ def policy_from_weights(spec: dict[str, Any], weights: dict[str, torch.Tensor]) 
     policy = Policy(spec, normalizer)
     policy.load_state_dict(network)
     return policy.eval()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a stop mid-write leaves
-    the old file (or none), never half of the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -146,16 +139,6 @@ def sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def leftovers(root: Path) -> list[Path]:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cm_policy.atomic import write_bytes_atomic
 from cm_policy.policy import Policy
 
 METADATA_KEY = "cm_policy"  # the metadata_props entry holding the JSON metadata
@@ -399,9 +400,7 @@ def export_policy(
     onnx.checker.check_model(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(model.SerializeToString())
-    tmp.replace(out)
+    write_bytes_atomic(out, model.SerializeToString())
     return meta
 
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from tiny_config import TINY_CAMPAIGN
 
+from cm_policy.atomic import write_json_atomic
 from cm_policy.experiments import campaign, score_bins
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +253,7 @@ def test_report_pools_task_rates_and_the_balance_of_two_outcomes(
     # Seed 0: 30 A, 10 B of 100; seed 1: 10 A, 30 B of 100 -> 40 A of 80 solved, pooled.
     for seed, (a, b) in ((0, (30, 10)), (1, (10, 30))):
         cache = {"marks": {str(step): {"minutes": 10, "entries": {"1": entry(100, a, b)}}}}
-        campaign.write_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {**cache, "final": final})
+        write_json_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {**cache, "final": final})
     text = campaign.write_report(loaded, {"gen": 1.0}, "cmd").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| gen | 1 | 10 | 2/2 |"))
     assert "| 0.200 [" in row  # reached_A pooled: 40 of 200 episodes
@@ -296,7 +297,7 @@ def test_report_compares_every_entry_with_the_reference(
     for name, e in (("gen", entry(0.5, 0.1, 0.40)), ("avg", entry(0.8, 0.05, 0.45))):
         for seed in (0, 1):
             cache = {"marks": {str(step): {"minutes": 10, "entries": {"1": e}}}}
-            campaign.write_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
+            write_json_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
     text = campaign.write_report(loaded, {"gen": 1.0, "avg": 1.0}, "cmd").read_text()
     assert "## Against `gen 1`" in text
     row = next(line for line in text.splitlines() if line.startswith("| avg 1 | 10 |"))
@@ -415,7 +416,7 @@ def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: 
             str(k): {"minutes": k / 60, "entries": {"1": seed_entry(*v)}, "train": train}
             for k, v in scores.items()
         }
-        campaign.write_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {"marks": marks})
+        write_json_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {"marks": marks})
     text = campaign.write_report(loaded, {"gen": 1.0}, "cmd").read_text()
     assert (
         "equal training steps" in text
@@ -481,7 +482,7 @@ def test_report_answers_the_plan_s_questions(tmp_path: Path):
                 mark = cache["marks"].setdefault(str(k), {"minutes": k / 60, "entries": {}})
                 mark["entries"][label] = seed_entry(v[seed], v[2] if len(v) > 2 else 0.4)
     for (name, seed), cache in caches.items():
-        campaign.write_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
+        write_json_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
     text = campaign.write_report(loaded, {"gen": 1.0, "naive": 1.0, "base": 1.0}, "cmd").read_text()
     section = text.split("## Does gen reach base?")[1].split("\n## ")[0]
     # 200 steps: gen 0.90 / 0.90 per seed -> 0.90; base 0.85 / 0.95 -> 0.90: level.

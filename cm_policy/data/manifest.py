@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from cm_policy.atomic import write_json_atomic
 from cm_policy.data.outputs import marker
 
 MANIFEST = "manifest.json"
@@ -123,13 +123,7 @@ def build_manifest(
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
     """Write ``folder/manifest.json`` through a temporary file and a rename: a stop mid-write
     leaves the old manifest or none, never half of one."""
-    path = folder / MANIFEST
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(folder / MANIFEST, dict(manifest), sync=True)
 
 
 def remove_manifest(folder: Path) -> None:

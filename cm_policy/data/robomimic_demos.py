@@ -10,7 +10,6 @@ layer's work, which is why it is not beside the experts: envs import nothing of 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cm_policy.atomic import write_json_atomic
 from cm_policy.data.outputs import MARKER_KEY, OutputError, marker, prepare_output
 from cm_policy.data.robomimic_hdf5 import RobomimicWriter, convert_to_zarr
 from cm_policy.envs.robomimic_experts import expert_episodes
@@ -134,7 +134,7 @@ def generate_robomimic_dataset(
     if convert:
         convert_to_zarr(out, zarr_out, image=images, overwrite=overwrite, progress=progress)
         stats["zarr"] = str(zarr_out)
-    stats_out.write_text(json.dumps({**stats, MARKER_KEY: marker()}, indent=2))
+    write_json_atomic(stats_out, {**stats, MARKER_KEY: marker()}, indent=2)
     print(
         f"wrote {len(lengths)} {task} demos ({sum(lengths)} steps) to {out}"
         + (f" and {zarr_out}" if convert else "")

@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cm_policy.atomic import temporary_name
 from cm_policy.data.outputs import MARKER_KEY, hdf5_marker, prepare_output
 from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer, atomic_directory
 from cm_policy.data.task_file import TASK_FILE, write_task_file
@@ -45,10 +46,6 @@ _DEMO_NAME = re.compile(r"^demo_(\d+)$")
 def _demo_index(name: str) -> int:
     match = _DEMO_NAME.match(name)
     return int(match.group(1)) if match else -1
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 class RobomimicWriter:
@@ -70,7 +67,7 @@ class RobomimicWriter:
                     f"env_meta needs '{key}' (robomimic env_args), got {sorted(env_meta)}"
                 )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _tmp_path(self.path)
+        self._tmp = temporary_name(self.path)
         self._file = h5py.File(self._tmp, "w")
         self._file.attrs[MARKER_KEY] = hdf5_marker()
         self._data = self._file.create_group(DATA_GROUP)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from cm_policy.atomic import write_text_atomic
 from cm_policy.data.replay_buffer import DatasetError, ReplayBuffer
 
 TASK_FILE = "task.yaml"
@@ -222,7 +223,7 @@ def write_task_file(
         control_hz_source=control_hz_source,
     )
     path = buffer_dir / TASK_FILE
-    path.write_text(task_yaml(task, made_by=made_by, location=location))
+    write_text_atomic(path, task_yaml(task, made_by=made_by, location=location))
     return path
 
 

@@ -19,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
+from cm_policy.atomic import write_figure_atomic, write_json_atomic
 from cm_policy.observations import push_obs, stack_obs
 from cm_policy.stats import mean_interval, wilson_interval
 
@@ -245,7 +246,7 @@ def plot_summary(results: Sequence[EpisodeResult], metrics: Mapping[str, Any], p
         f"over {metrics['n_episodes']} episodes"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure_atomic(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -304,12 +305,10 @@ def evaluate(
     if done:
         metrics["resumed_episodes"] = len(done)  # wall_s counts only the episodes run here
     metrics.update(extra or {})
-    (out / "episodes.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    write_json_atomic(out / "episodes.json", [asdict(r) for r in results], indent=2)
     plot_summary(results, metrics, out / "summary.png")
     # metrics.json last, atomically: its presence means the evaluation is complete.
-    from cm_policy.checkpoint import write_text_atomic
-
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_json_atomic(out / "metrics.json", metrics, indent=2)
     partial.unlink(missing_ok=True)
     return metrics
 

@@ -61,7 +61,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from cm_policy.checkpoint import write_text_atomic
+from cm_policy.atomic import write_figure_atomic, write_json_atomic, write_text_atomic
 
 GRAIN_DEFAULT = 50  # checkpoint every this many steps; marks round to it
 
@@ -362,7 +362,7 @@ def take_reused(
             cache["reused_from"] = f"{run.reuse} seed {seed}"
             target = cache_path(plan, run, seed)
             if read_cache(target) != cache:
-                write_atomic(target, cache)
+                write_json_atomic(target, cache)
         here = ", ".join(f"{s * costs[run.name] / 60:.1f}" for s in mark_steps(plan, cost))
         notes.append(
             f"`{run.name}` is the run `{source.name}` of `{path}` (the same "
@@ -410,7 +410,7 @@ def measured_costs(plan: Plan, root: Path, runs: list[RunSpec] | None = None) ->
             f"(now {fresh[anchor.name]:.3f} s, cached {costs[anchor.name]:.3f} s) -> {path}",
             flush=True,
         )
-        write_atomic(path, costs)
+        write_json_atomic(path, costs)
     return costs
 
 
@@ -434,12 +434,6 @@ def cache_path(plan: Plan, run: RunSpec, seed: int) -> Path:
 
 def read_cache(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"marks": {}}
-
-
-def write_atomic(path: Path, value: Any) -> None:
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def pending(plan: Plan, run: RunSpec, seed: int, costs: dict[str, float]) -> bool:
@@ -547,7 +541,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
         # Stability evidence of the steps since the previous mark, beside the scores they led to.
         train = interval_stats(read_log(run_dir), after, step)
         cache["marks"][key] = {"minutes": minutes, "entries": entries, "train": train}
-        write_atomic(path, cache)
+        write_json_atomic(path, cache)
     if cache.get("final") and cache["final"].get("step", steps[-1]) != steps[-1]:
         # A mark was appended: the diagnostics move to the new last mark, the old ones are kept.
         cache.setdefault("earlier_finals", []).append(cache.pop("final"))
@@ -582,7 +576,7 @@ def work(args: tuple[Plan, RunSpec, int, Path, dict[str, float], Setup]) -> str:
             }
         final["train"] = grad_stats(read_log(run_dir))
         cache["final"] = final
-        write_atomic(path, cache)
+        write_json_atomic(path, cache)
     return f"{run.name} s{seed}: done ({len(steps)} marks)"
 
 
@@ -1009,7 +1003,7 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    write_figure_atomic(stem.with_suffix(".png"), fig, dpi=110)
     plt.close(fig)
 
 
@@ -1325,7 +1319,7 @@ def main(argv: list[str] | None = None) -> None:
         costs_file = plan.results / "step_costs.json"
         if not costs_file.exists():
             # No CPU costs to place a compute axis: this device's, said so in the report.
-            write_atomic(costs_file, here)
+            write_json_atomic(costs_file, here)
             fit_note = [
                 f"Step costs measured on this machine's training setup ({setup.describe()}), "
                 "not one CPU thread: the compute axis is in minutes of that setup."

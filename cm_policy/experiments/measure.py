@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cm_policy.checkpoint import write_text_atomic
+from cm_policy.atomic import write_json_atomic
 from cm_policy.stats import wilson_interval
 
 # A training run's step costs more than step_costs' bare steps (batches drawn on the fly, EMA
@@ -228,8 +228,7 @@ def cached(path: Path, compute: Callable[[], Any]) -> Any:
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(value, indent=2))
+    write_json_atomic(path, value, indent=2)
     return value
 
 

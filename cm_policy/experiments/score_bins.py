@@ -31,6 +31,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from cm_policy.atomic import write_figure_atomic, write_text_atomic
+
 # Failed episodes are binned by their best reward (upper edges exclusive); successes form the last.
 EDGES = (0.0, 0.05, 0.5, 0.8, 0.95)
 NAMES = ("< 0.05", "0.05-0.5", "0.5-0.8", "0.8-0.95", ">= 0.95, failed", "success")
@@ -161,9 +163,7 @@ def main() -> None:
                     f"| {name} | {bin_name} | {n} | {score:.3f} | {rate:.2f} | {zero} | {stalled} |"
                 )
         lines.append("")
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out.with_suffix(".md"))
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
     left = np.zeros(len(rows))
@@ -178,9 +178,7 @@ def main() -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(out.with_suffix(".png"))
+    write_figure_atomic(out.with_suffix(".png"), fig, dpi=110)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 

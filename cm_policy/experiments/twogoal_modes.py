@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from cm_policy.atomic import write_figure_atomic, write_text_atomic
 from cm_policy.experiments.campaign import Plan, RunSpec, mark_steps, samplers_of
 
 OUTCOMES = ("A", "B", "between", "none")
@@ -203,7 +204,7 @@ def report(plan: Plan, folder: Path) -> None:
             f"| {s['all_alike']:.3f} | {c['machine']} |"
         )
     lines += ["", "![outcomes per initial state](modes.png)", ""]
-    (folder.parent / "modes.md").write_text("\n".join(lines))
+    write_text_atomic(folder.parent / "modes.md", "\n".join(lines))
 
     fig, axes = plt.subplots(
         len(cached), 1, figsize=(9, 1.1 * len(cached) + 0.6), squeeze=False, sharex=True
@@ -222,7 +223,7 @@ def report(plan: Plan, folder: Path) -> None:
     axes[0, 0].legend(ncol=4, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02))
     axes[-1, 0].set_xlabel("initial state (test seed order); bar = shares of the draws' endings")
     fig.tight_layout()
-    fig.savefig(folder.parent / "modes.png", dpi=110)
+    write_figure_atomic(folder.parent / "modes.png", fig, dpi=110)
     plt.close(fig)
 
 
@@ -244,7 +245,7 @@ def main() -> None:
     if not args.report_only:
         import torch
 
-        from cm_policy.checkpoint import write_text_atomic
+        from cm_policy.atomic import write_json_atomic
         from cm_policy.evaluation.machine import describe_machine
 
         if args.root is None:
@@ -279,7 +280,7 @@ def main() -> None:
                         "summary": summarize_modes(episodes),
                         "episodes": episodes,
                     }
-                    write_text_atomic(path, json.dumps(record, indent=1))
+                    write_json_atomic(path, record)
     report(plan, folder)
     print(f"wrote {folder.parent / 'modes.md'}")
 

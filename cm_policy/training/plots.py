@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from cm_policy.atomic import write_figure_atomic
+
 
 def logged_loss_terms(run_dir: Path) -> tuple[str, ...]:
     """The raw loss terms the run's method declares (its ``loss_keys``)."""
@@ -81,6 +83,6 @@ def plot_learning_curves(run_dir: str | Path) -> Path:
         ax.set_xlabel("step")
     fig.tight_layout()
     out = run_dir / "learning_curves.png"
-    fig.savefig(out, dpi=110)
+    write_figure_atomic(out, fig, dpi=110)
     plt.close(fig)
     return out

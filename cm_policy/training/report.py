@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from cm_policy.atomic import write_text_atomic
 from cm_policy.evaluation.machine import describe_machine
 from cm_policy.tasks import load_task
 
@@ -53,5 +54,5 @@ def write_report(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any]) -> Pat
         "",
     ]
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
+    write_text_atomic(out, "\n".join(lines))
     return out

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from cm_policy.atomic import write_text_atomic
 from cm_policy.checkpoint import (
     DamagedCheckpointError,
     load_training_state,
@@ -31,7 +32,6 @@ from cm_policy.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
     split_weights,
-    write_text_atomic,
 )
 from cm_policy.evaluation.runner import evaluate_config
 from cm_policy.policy import Policy
