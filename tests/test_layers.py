@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Bottom to top. An entry is a file of the package, or a folder (ending in "/") holding every
 # module under it. Why this order:
-# - utilities import nothing of the package;
+# - utilities import nothing of the package (atomic.py: the one atomic file write);
 # - envs are the simulators (and their scripted experts and planners): they import only each other;
 # - data builds datasets out of them (the PushT planner's demos, robomimic demos replayed through
 #   robosuite for absolute actions), so it sits above envs;
@@ -33,7 +33,10 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 #   imports it);
 # - training evaluates its checkpoints; experiments train, evaluate and report; cli drives all.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("utilities", ("__init__.py", "configs.py", "device.py", "registry.py", "stats.py")),
+    (
+        "utilities",
+        ("__init__.py", "atomic.py", "configs.py", "device.py", "registry.py", "stats.py"),
+    ),
     ("envs", ("envs/",)),
     ("data", ("data/",)),
     ("models", ("models/",)),
