@@ -439,6 +439,59 @@ def test_report_reads_each_change_between_marks_and_equal_steps_plans(tmp_path: 
         campaign.Plan.load(plan_file)
 
 
+def test_changes_between_marks_are_read_on_the_seeds_that_have_both(tmp_path: Path):
+    """While a second seed is still training, a change between marks (the table, the trend and
+    the flat reading) is read on the seeds evaluated at both marks, and says so; it is never a
+    change of seeds."""
+    plan = report_plan(
+        tmp_path,
+        name="partial",
+        task="pusht_keypoints",
+        marks_min=[],
+        marks_steps=[100, 200, 300],
+        runs=[{"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]}],
+        questions=[
+            {"ask": "Does gen degrade?", "trend": ["gen 1"]},
+            {"ask": "Which curves are flat?", "flat": True},
+        ],
+    )
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    loaded = campaign.Plan.load(plan_file)
+    # Seed 0 has every mark (0.5 -> 0.8 -> 0.79); seed 1 only the first, far higher (0.9): pooled
+    # into mark 100 it would turn the 100 -> 200 change into +0.1 (flat-looking) from +0.3.
+    seed0 = {100: (0.5, 0.3), 200: (0.8, 0.3), 300: (0.79, 0.3)}
+    for seed, scores in ((0, seed0), (1, {100: (0.9, 0.3)})):
+        marks = {
+            str(k): {"minutes": k / 60, "entries": {"1": seed_entry(*v)}} for k, v in scores.items()
+        }
+        write_json_atomic(tmp_path / "cache" / f"gen_s{seed}.json", {"marks": marks})
+    text = campaign.write_report(loaded, {"gen": 1.0}, "cmd").read_text()
+    assert "| gen | 1 | 100 | 2/2 | 500 | 0.700 +- 0.014 |" in text  # the mark itself: both seeds
+    assert "| gen 1 | 100 -> 200 | 1/2 | +0.300 +- 0.028 |" in text
+    assert "| gen 1 | 200 -> 300 | 1/2 | -0.010 +- 0.028 |" in text
+    assert (
+        "- `gen 1` (on seed 0 only, 1/2 seeds): 100 -> 200 rising (+0.300 +- 0.028); "
+        "200 -> 300 flat (-0.010 +- 0.028). Mean_score best at 200, then -0.010 +- 0.028 by 300: "
+        "holds" in text
+    )
+    assert "- flat: `gen 1` (200 -> 300, on seed 0 only, 1/2 seeds: mean_score -0.010" in text
+    # Once seed 1 has every mark too, the readings pool both seeds and name none.
+    write_json_atomic(
+        tmp_path / "cache" / "gen_s1.json",
+        {
+            "marks": {
+                str(k): {"minutes": k / 60, "entries": {"1": seed_entry(*v)}}
+                for k, v in {100: (0.9, 0.3), 200: (0.8, 0.3), 300: (0.79, 0.3)}.items()
+            }
+        },
+    )
+    text = campaign.write_report(loaded, {"gen": 1.0}, "cmd").read_text()
+    assert "| gen 1 | 100 -> 200 | 2/2 | +0.100 +- 0.020 |" in text
+    assert "- `gen 1`: 100 -> 200 rising (+0.100 +- 0.020)" in text
+    assert "seed 0 only" not in text
+
+
 def test_report_answers_the_plan_s_questions(tmp_path: Path):
     """Each question of a plan gets its section: a comparison at every shared mark with its
     reading, a degradation read from the best mark to the last, the curves flat at their last

@@ -732,33 +732,34 @@ def changes_between_marks(
         "",
         "## From one mark to the next",
         "",
-        "Each entry at a mark minus the same entry at the mark before, pooled over the seeds that "
-        "have both: the change of mean_score +- its 95% interval and of the success rate with "
+        "Each entry at a mark minus the same entry at the mark before, pooled over the training "
+        "seeds evaluated at both (column 'seeds'; a seed still training is left out of the pair): "
+        "the change of mean_score +- its 95% interval and of the success rate with "
         "Newcombe's interval. A curve is read as **flat** at a mark when the interval of its "
         "mean_score change holds 0, **rising** / **falling** when it lies above / below 0; the "
         "success change is read the same way. Seeds disagree more than episodes do: a flat "
         "reading says the episodes cannot tell the two marks apart, not that training is over.",
         "",
-        f"| entry | from -> to ({plan.unit}) | mean_score change | success change | reading "
-        "(score, success) |",
-        "|---|---|---|---|---|",
+        f"| entry | from -> to ({plan.unit}) | seeds | mean_score change | success change | "
+        "reading (score, success) |",
+        "|---|---|---|---|---|---|",
     ]
     names = entry_names(pools)
     for name in names:
         for before, after in itertools.pairwise(plan.marks):
             if (name, before) not in pools or (name, after) not in pools:
                 continue
-            entries_a, _, pooled_a = pools[name, after]
-            entries_b, _, pooled_b = pools[name, before]
-            if len(entries_a) != len(entries_b):
+            seeds, pooled = on_common_seeds(pools, name, [before, after])
+            if not seeds:
                 continue
-            ds, hs, dp, (lp, hp) = difference(pooled_a, pooled_b)
+            ds, hs, dp, (lp, hp) = difference(pooled[after], pooled[before])
             lines.append(
-                f"| {name} | {before:g} -> {after:g} | {ds:+.3f} +- {hs:.3f} | "
+                f"| {name} | {before:g} -> {after:g} | {len(seeds)}/{pools[name, after][1]} | "
+                f"{ds:+.3f} +- {hs:.3f} | "
                 f"{dp:+.3f} [{lp:+.3f}, {hp:+.3f}] | "
                 f"{TREND_WORDS[reading(ds - hs, ds + hs)]}, {TREND_WORDS[reading(lp, hp)]} |"
             )
-    return without_empty_table(lines, "No entry has two consecutive marks with the same seeds yet.")
+    return without_empty_table(lines, "No entry has a seed evaluated at two consecutive marks yet.")
 
 
 Pools = dict[tuple[str, float], tuple[list[dict], int, dict]]
@@ -773,10 +774,27 @@ def marks_of(plan: Plan, pools: Pools, name: str) -> list[float]:
     return [m for m in plan.marks if (name, m) in pools]
 
 
-def complete_marks(plan: Plan, pools: Pools, name: str) -> list[float]:
-    """``name``'s marks with as many seeds as its first (a seed still training is left out)."""
-    marks = marks_of(plan, pools, name)
-    return [m for m in marks if len(pools[name, m][0]) == len(pools[name, marks[0]][0])]
+def on_common_seeds(
+    pools: Pools, name: str, marks: list[float]
+) -> tuple[list[int], dict[float, dict]]:
+    """``name`` at each of ``marks`` pooled over the training seeds evaluated at all of them (a
+    seed still training is left out, so that a change between marks is never a change of seeds),
+    and those seeds; no seeds and no figures when none has every mark."""
+    held = [{e["training_seed"] for e in pools[name, m][0]} for m in marks]
+    seeds = sorted(set.intersection(*held)) if held else []
+    pooled = {
+        m: pooled_entry([e for e in pools[name, m][0] if e["training_seed"] in seeds])
+        for m in marks
+    }
+    return seeds, pooled if seeds else {}
+
+
+def seeds_note(pools: Pools, name: str, seeds: list[int]) -> str:
+    """'' when every training seed of ``name`` is read, else which ones are."""
+    total = pools[next(k for k in pools if k[0] == name)][1]
+    if len(seeds) == total:
+        return ""
+    return f"on seed {', '.join(map(str, seeds))} only, {len(seeds)}/{total} seeds"
 
 
 def seeds_done(pools: Pools, name: str, mark: float) -> str:
@@ -821,28 +839,35 @@ def answer_compare(plan: Plan, pools: Pools, a: str, b: str) -> list[str]:
 def answer_trend(plan: Plan, pools: Pools, names: list[str]) -> list[str]:
     lines = []
     for name in names:
-        marks = complete_marks(plan, pools, name)
-        if len(marks) < 2:
-            lines.append(f"- `{name}`: not answered yet ({len(marks)} mark(s) in).")
+        marks = marks_of(plan, pools, name)
+        seeds, pooled = on_common_seeds(pools, name, marks)
+        if len(marks) < 2 or not seeds:
+            lines.append(f"- `{name}`: not answered yet (no seed has two marks in).")
             continue
         steps = []
         for before, after in itertools.pairwise(marks):
-            ds, hs, _, _ = difference(pools[name, after][2], pools[name, before][2])
+            ds, hs, _, _ = difference(pooled[after], pooled[before])
             trend = TREND_WORDS[reading(ds - hs, ds + hs)]
             steps.append(f"{before:g} -> {after:g} {trend} ({ds:+.3f} +- {hs:.3f})")
-        best = max(marks, key=lambda m: pools[name, m][2]["score"])
+        best = max(marks, key=lambda m: pooled[m]["score"])
         last = marks[-1]
         if best == last:
             verdict = f"best at its last mark ({last:g}): no degradation"
         else:
-            ds, hs, _, _ = difference(pools[name, last][2], pools[name, best][2])
+            ds, hs, _, _ = difference(pooled[last], pooled[best])
             fell = reading(ds - hs, ds + hs) == "below"
             verdict = f"best at {best:g}, then {ds:+.3f} +- {hs:.3f} by {last:g}: " + (
                 "**degrades** (the interval lies below 0)"
                 if fell
                 else "holds (the interval holds 0)"
             )
-        lines.append(f"- `{name}`: " + "; ".join(steps) + f". Mean_score {verdict}.")
+        lines.append(
+            f"- `{name}`"
+            + (f" ({note})" if (note := seeds_note(pools, name, seeds)) else "")
+            + ": "
+            + "; ".join(steps)
+            + f". Mean_score {verdict}."
+        )
     return lines
 
 
@@ -850,15 +875,19 @@ def answer_flat(plan: Plan, pools: Pools) -> list[str]:
     names = entry_names(pools)
     flat, moving, early = [], [], []
     for name in names:
-        marks = complete_marks(plan, pools, name)
-        if len(marks) < 2:
+        marks = marks_of(plan, pools, name)[-2:]
+        seeds, pooled = on_common_seeds(pools, name, marks)
+        if len(marks) < 2 or not seeds:
             early.append(f"`{name}`")
             continue
-        ds, hs, ss, (lp, hp) = difference(pools[name, marks[-1]][2], pools[name, marks[-2]][2])
+        ds, hs, ss, (lp, hp) = difference(pooled[marks[-1]], pooled[marks[-2]])
         readings = (reading(ds - hs, ds + hs), reading(lp, hp))
         on_score, on_success = (TREND_WORDS[r] for r in readings)
         text = (
-            f"`{name}` ({marks[-2]:g} -> {marks[-1]:g}: mean_score {ds:+.3f} +- {hs:.3f} "
+            f"`{name}` ({marks[-2]:g} -> {marks[-1]:g}"
+            + (f", {note}" if (note := seeds_note(pools, name, seeds)) else "")
+            + ": "
+            f"mean_score {ds:+.3f} +- {hs:.3f} "
             f"{on_score}, success {ss:+.3f} [{lp:+.3f}, {hp:+.3f}] {on_success})"
         )
         (flat if readings == ("level", "level") else moving).append(text)
@@ -869,7 +898,7 @@ def answer_flat(plan: Plan, pools: Pools) -> list[str]:
         "",
         f"- flat: {', '.join(flat) or 'none'}",
         f"- still moving: {', '.join(moving) or 'none'}",
-        f"- fewer than two marks in: {', '.join(early) or 'none'}",
+        f"- no seed with two marks in: {', '.join(early) or 'none'}",
     ]
 
 
@@ -1073,7 +1102,7 @@ def write_report(
         for label in samplers_of(r):
             for mark, step in zip(plan.marks, steps, strict=True):
                 entries = [
-                    caches[r.name, s]["marks"][str(step)]["entries"][label]
+                    {**caches[r.name, s]["marks"][str(step)]["entries"][label], "training_seed": s}
                     for s in r.seeds
                     if str(step) in caches[r.name, s]["marks"]
                 ]
