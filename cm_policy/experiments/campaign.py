@@ -986,7 +986,9 @@ def stability_lines(plan: Plan, caches: dict, costs: dict[str, float]) -> list[s
 
 def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
     """Score and success against training compute and against training steps: the pooled line
-    with its 95% band and each seed's own points (open markers)."""
+    with its 95% band and each seed's own points (open markers). A mark that not every training
+    seed has reached yet is a square, and the line into it dotted: its pool holds other seeds
+    than the marks before it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1005,7 +1007,12 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
                 y = np.array([q[y_key] for q in pts])
                 lo = np.array([q[band][0] for q in pts])
                 hi = np.array([q[band][1] for q in pts])
-                ax.plot(x, y, "o-", color=color, label=name if row == col == 0 else None)
+                full = np.array([q.get("all_seeds", True) for q in pts])
+                for a in range(len(pts) - 1):
+                    style = "-" if full[a] and full[a + 1] else ":"
+                    ax.plot(x[a : a + 2], y[a : a + 2], style, color=color)
+                ax.plot(x[full], y[full], "o", color=color, label=name if row == col == 0 else None)
+                ax.plot(x[~full], y[~full], "s", color=color, ms=6)
                 ax.fill_between(x, lo, hi, color=color, alpha=0.12)
                 seed_x = [q[x_key] for q in pts for _ in q["seeds"]]
                 seed_y = [v[row] for q in pts for v in q["seeds"]]
@@ -1031,7 +1038,15 @@ def plot_curves(plan: Plan, curves: dict[str, list[dict]], stem: Path) -> None:
             ax.set_ylim(max(0.0, low - 0.03), min(1.02, high + 0.03) if high > low else 1.02)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    if any(not q.get("all_seeds", True) for pts in curves.values() for q in pts):
+        fig.text(
+            0.5,
+            0.005,
+            "square, dotted line in: a mark not every training seed has reached yet",
+            ha="center",
+            fontsize=8,
+        )
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     write_figure_atomic(stem.with_suffix(".png"), fig, dpi=110)
     plt.close(fig)
 
@@ -1132,6 +1147,7 @@ def write_report(
                         "success": p["success"],
                         "ci": (lo, hi),
                         "seeds": [(e["mean_score"], e["success_rate"]) for e in entries],
+                        "all_seeds": len(entries) == len(r.seeds),
                     }
                 )
                 cell = f"{p['score']:.3f} +- {p['score_half']:.3f} / {p['success']:.2f}"
