@@ -47,7 +47,7 @@ def stale_temporaries(path: Path) -> list[Path]:
     found = []
     for other in sorted(path.parent.glob(glob.escape(prefix) + "*")):
         match = _TEMPORARY.search(other.name)
-        if other.name.startswith(prefix) and match and other.is_file():
+        if match and other.is_file():
             pid = int(match[1])
             if pid != os.getpid() and not process_alive(pid):
                 found.append(other)
