@@ -576,6 +576,91 @@ def test_report_answers_the_plan_s_questions(tmp_path: Path):
             campaign.Plan.load(plan_file)
 
 
+def test_report_reads_the_plan_s_targets_as_met_or_not(tmp_path: Path):
+    """Each target of a plan is read as met or not met from the pooled figures, 'so far' while a
+    seed or mark that could change it is still to come: a margin on mean_score with the success
+    not below, a threshold over enough episodes at some mark, no fall between marks."""
+    plan = report_plan(
+        tmp_path,
+        name="targets",
+        task="pusht_keypoints",
+        marks_min=[],
+        marks_steps=[100, 200],
+        runs=[
+            {"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]},
+            {"name": "base", "method": "ddpm", "seeds": [0, 1], "samplers": ["ddim:10"]},
+        ],
+        targets=[
+            {"target": "T1", "not_below": ["gen 1", "base ddim:10"], "margin": 0.01},
+            {"target": "T2", "reaches": "gen 1", "score": 0.9, "success": 0.5, "episodes": 500},
+            {"target": "T3", "holds": ["gen 1"]},
+            {"target": "T4", "not_below": ["base ddim:10", "gen 1"], "margin": 0.05},
+            {"target": "T5", "holds": ["base ddim:10"]},
+            {"target": "T6", "reaches": "gen 1", "score": 0.85, "success": 0.4, "episodes": 500},
+        ],
+    )
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    loaded = campaign.Plan.load(plan_file)
+    costs = {"gen": 1.0, "base": 1.0}
+
+    def write(name: str, seed: int, label: str, marks: dict) -> None:
+        cache = {
+            "marks": {
+                str(k): {"minutes": k / 60, "entries": {label: seed_entry(*v)}}
+                for k, v in marks.items()
+            }
+        }
+        write_json_atomic(tmp_path / "cache" / f"{name}_s{seed}.json", cache)
+
+    def statuses() -> dict[str, str]:
+        text = campaign.write_report(loaded, costs, "cmd").read_text()
+        section = text.split("## Targets")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith("- T")]
+        return {r[2:4]: r.split(": ", 1)[1].split(". ", 1)[0] for r in rows}
+
+    # base: both seeds, 0.97 / 0.5 at 100 and 0.935 / 0.45 at 200 (a fall of 0.035 +- 0.020).
+    for seed in (0, 1):
+        write("base", seed, "ddim:10", {100: (0.97, 0.5), 200: (0.935, 0.45)})
+    # gen seed 0 at both marks, seed 1 at 100 only: pooled at 100 0.89 / 0.45 (short of T2);
+    # at 200 seed 0 alone 0.92 / 0.6 would meet T2 but counts 250 episodes, not 500.
+    write("gen", 0, "1", {100: (0.85, 0.4), 200: (0.92, 0.6)})
+    write("gen", 1, "1", {100: (0.93, 0.5)})
+    assert statuses() == {
+        "T1": "*not met so far*",  # 0.92 - 0.935 = -0.015 < -0.01, seed 1 still to come
+        "T2": "*not met so far*",
+        "T3": "*met so far*",
+        "T4": "*not met so far*",  # base - gen = +0.015 in score, success -0.15: below
+        "T5": "**not met**",
+        "T6": "**met**",  # at 100 over 500 episodes: met for good while seed 1 trains on
+    }
+    text = (tmp_path / "targets.md").read_text()
+    assert "200: 0.920 / 0.600 (250 episodes, fewer than 500: not counted)" in text
+    assert "mean_score -0.015 +- 0.024 (needs >= -0.010)" in text
+    # Seed 1 reaches 200 (0.96 / 0.7): gen pooled 0.94 / 0.65 over 500 episodes.
+    write("gen", 1, "1", {100: (0.93, 0.5), 200: (0.96, 0.7)})
+    assert statuses() == {
+        "T1": "**met**",  # +0.005 >= -0.01, success +0.2 (above)
+        "T2": "**met**",
+        "T3": "**met**",
+        "T4": "**not met**",  # -0.005 >= -0.05, but success -0.2 lies below
+        "T5": "**not met**",
+        "T6": "**met**",
+    }
+    assert "first met at 200 steps" in (tmp_path / "targets.md").read_text()
+    for bad, words in (
+        ({"target": "x", "not_below": ["gen 1"]}, "not_below takes a list of two"),
+        ({"target": "x", "reaches": "gen 1", "score": 0.9}, "reaches takes the options"),
+        ({"target": "x", "holds": ["gen 1"], "margin": -1}, "holds takes the options"),
+        ({"target": "x", "not_below": ["gen 1", "base ddim:10"], "margin": "a"}, "a number"),
+        ({"target": "x", "holds": ["gen 1"], "reaches": "gen 1"}, "exactly one of"),
+        ({"holds": ["gen 1"]}, "expected a mapping with 'target'"),
+    ):
+        plan_file.write_text(yaml.safe_dump({**plan, "targets": [bad]}))
+        with pytest.raises(SystemExit, match=words):
+            campaign.Plan.load(plan_file)
+
+
 def test_plan_fields_change_on_the_command_line_and_steps_fit_a_time(tmp_path: Path):
     """--set FIELD=VALUE / runs.RUN.FIELD=VALUE / FIELD+=[...] change a plan as it is read (a
     mistyped field or run is refused by name); --fit-seconds places one mark at the steps that

@@ -118,6 +118,13 @@ class Plan:
     # (each entry's change between marks and from its best mark to its last), {ask, flat: true}
     # (which curves are flat at their last mark), {ask, seeds: true} (how far the seeds differ).
     questions: list[dict] = field(default_factory=list)
+    # The targets the report reads as met or not met, each with its numbers (see TARGET_KINDS):
+    # {target: TEXT, not_below: [A, B], margin: M} (at the last mark both reached, A's mean_score
+    # >= B's - M and its success level with or above B's), {target, reaches: A, score: S,
+    # success: P, episodes: N} (at some mark over >= N episodes, mean_score >= S and success
+    # >= P), {target, holds: [A, ...]} (no change between consecutive marks falls beyond its
+    # 95% interval).
+    targets: list[dict] = field(default_factory=list)
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -180,6 +187,10 @@ class Plan:
             problem = question_problem(q, entries)
             if problem:
                 raise SystemExit(f"{path}: question {q!r}: {problem}")
+        for t in raw.get("targets", []):
+            problem = target_problem(t, entries)
+            if problem:
+                raise SystemExit(f"{path}: target {t!r}: {problem}")
         raw["results"] = Path(raw.get("results", f"eval/results/{raw['name']}")).resolve()
         if bool(raw.get("marks_min")) == bool(raw.get("marks_steps")):
             raise SystemExit(
@@ -214,6 +225,49 @@ def question_problem(question: Any, entries: list[str]) -> str | None:
             f"{kinds[0]} takes {'two' if wanted else 'a list of'} of the plan's entries "
             f"{entries}, got {value!r}"
         )
+    return None
+
+
+# Each kind of target with the options it takes beside its entries: (required, optional).
+TARGET_KINDS: dict[str, tuple[set[str], set[str]]] = {
+    "not_below": (set(), {"margin"}),
+    "reaches": ({"score", "success"}, {"episodes"}),
+    "holds": (set(), set()),
+}
+
+
+def target_problem(target: Any, entries: list[str]) -> str | None:
+    """What is wrong with a plan's target (None: nothing): a ``target`` text, exactly one kind of
+    TARGET_KINDS naming the plan's entries (two for not_below, one for reaches, a list for
+    holds), the options its kind requires and no others, numbers where numbers go."""
+    if not isinstance(target, dict) or not isinstance(target.get("target"), str):
+        return "expected a mapping with 'target' (its text) and one of " + str(list(TARGET_KINDS))
+    kinds = [k for k in target if k in TARGET_KINDS]
+    if len(kinds) != 1:
+        return f"expected exactly one of {list(TARGET_KINDS)}, got {kinds}"
+    kind = kinds[0]
+    required, optional = TARGET_KINDS[kind]
+    options = set(target) - {"target", kind}
+    if options - required - optional or required - options:
+        return (
+            f"{kind} takes the options {sorted(required)} and optionally {sorted(optional)}, "
+            f"got {sorted(options)}"
+        )
+    for key in options:
+        value = target[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            return f"{key} must be a number >= 0, got {value!r}"
+    value = target[kind]
+    names = [value] if kind == "reaches" else value if isinstance(value, list) else []
+    wanted = {"not_below": 2, "reaches": 1}.get(kind)
+    if (
+        not names
+        or not all(isinstance(n, str) for n in names)
+        or (wanted and len(names) != wanted)
+        or set(names) - set(entries)
+    ):
+        shape = {"not_below": "a list of two", "reaches": "one", "holds": "a list of"}[kind]
+        return f"{kind} takes {shape} of the plan's entries {entries}, got {value!r}"
     return None
 
 
@@ -945,6 +999,124 @@ def question_lines(plan: Plan, pools: Pools) -> list[str]:
     return lines
 
 
+def complete(plan: Plan, pools: Pools, name: str) -> bool:
+    """Whether ``name`` has every mark of the plan with every training seed."""
+    return all(
+        (name, m) in pools and len(pools[name, m][0]) == pools[name, m][1] for m in plan.marks
+    )
+
+
+def target_not_below(
+    plan: Plan, pools: Pools, a: str, b: str, margin: float
+) -> tuple[bool, bool, str]:
+    """At the last mark both entries reached: ``a``'s mean_score >= ``b``'s - ``margin`` (the
+    point estimates) and its success not below ``b``'s (the difference's 95% interval).
+    (met, decided, the numbers); decided once both have the plan's last mark on every seed."""
+    shared = [m for m in marks_of(plan, pools, a) if (b, m) in pools]
+    if not shared:
+        return False, False, f"`{a}` and `{b}` share no mark yet"
+    last = shared[-1]
+    ds, hs, dp, (lp, hp) = difference(pools[a, last][2], pools[b, last][2])
+    met = ds >= -margin and reading(lp, hp) != "below"
+    decided = last == plan.marks[-1] and all(
+        len(pools[n, last][0]) == pools[n, last][1] for n in (a, b)
+    )
+    text = (
+        f"At {last:g} {plan.unit} (`{a}` {seeds_done(pools, a, last)}, `{b}` "
+        f"{seeds_done(pools, b, last)}), `{a}` minus `{b}`: mean_score {ds:+.3f} +- {hs:.3f} "
+        f"(needs >= {-margin:+.3f}), success {dp:+.3f} [{lp:+.3f}, {hp:+.3f}] "
+        f"({reading(lp, hp)}; needs level or above)"
+    )
+    return met, decided, text
+
+
+def target_reaches(
+    plan: Plan, pools: Pools, name: str, score: float, success: float, episodes: int
+) -> tuple[bool, bool, str]:
+    """At some mark, pooled over ``episodes`` or more: mean_score >= ``score`` and success >=
+    ``success`` (point estimates). (met, decided, the numbers); met is decided at once, not met
+    once every mark is in on every seed."""
+    readings, hit = [], None
+    for m in marks_of(plan, pools, name):
+        p = pools[name, m][2]
+        counted = p["n"] >= episodes
+        readings.append(
+            f"{m:g}: {p['score']:.3f} / {p['success']:.3f} ({p['n']} episodes"
+            + ("" if counted else f", fewer than {episodes}: not counted")
+            + ")"
+        )
+        if hit is None and counted and p["score"] >= score and p["success"] >= success:
+            hit = m
+    met = hit is not None
+    text = (
+        f"`{name}` needs mean_score >= {score:g} and success >= {success:g} over >= {episodes} "
+        "episodes at one mark"
+        + (f"; first met at {hit:g} {plan.unit}" if met else "")
+        + ". Mean_score / success per mark: "
+        + ("; ".join(readings) or "none yet")
+    )
+    return met, met or complete(plan, pools, name), text
+
+
+def target_holds(plan: Plan, pools: Pools, names: list[str]) -> tuple[bool, bool, str]:
+    """No change of mean_score between consecutive marks falls beyond its 95% interval, each
+    change read on the training seeds evaluated at both marks. (met, decided, the numbers);
+    decided once every entry has every mark on every seed."""
+    parts, fell = [], False
+    for name in names:
+        steps = []
+        for before, after in itertools.pairwise(marks_of(plan, pools, name)):
+            seeds, pooled = on_common_seeds(pools, name, [before, after])
+            if not seeds:
+                continue
+            ds, hs, _, _ = difference(pooled[after], pooled[before])
+            trend = TREND_WORDS[reading(ds - hs, ds + hs)]
+            fell |= trend == "falling"
+            note = seeds_note(pools, name, seeds)
+            steps.append(
+                f"{before:g} -> {after:g} {ds:+.3f} +- {hs:.3f} {trend}"
+                + (f" ({note})" if note else "")
+            )
+        parts.append(f"`{name}`: " + ("; ".join(steps) or "no two marks yet"))
+    decided = all(complete(plan, pools, n) for n in names)
+    return not fell, decided, "; ".join(parts)
+
+
+def target_lines(plan: Plan, pools: Pools) -> list[str]:
+    """Report lines: each target of the plan read as met or not met with its numbers; 'so far'
+    while marks or seeds that could change the reading are still to come."""
+    if not plan.targets:
+        return []
+    lines = [
+        "",
+        "## Targets",
+        "",
+        "Each target of the plan read from the pooled figures: **met** or **not met** once "
+        "every mark and seed that could change the reading is in, *so far* before.",
+        "",
+    ]
+    for t in plan.targets:
+        if "not_below" in t:
+            met, decided, text = target_not_below(
+                plan, pools, *t["not_below"], float(t.get("margin", 0.0))
+            )
+        elif "reaches" in t:
+            met, decided, text = target_reaches(
+                plan,
+                pools,
+                t["reaches"],
+                float(t["score"]),
+                float(t["success"]),
+                int(t.get("episodes", 0)),
+            )
+        else:
+            met, decided, text = target_holds(plan, pools, t["holds"])
+        word = "met" if met else "not met"
+        status = f"**{word}**" if decided else f"*{word} so far*"
+        lines.append(f"- {t['target']}: {status}. {text}.")
+    return lines
+
+
 def stability_lines(plan: Plan, caches: dict, costs: dict[str, float]) -> list[str]:
     """Report lines: the gradient statistics and raw loss terms of each interval between marks,
     per run and seed, so that a change in score shows beside what training did meanwhile."""
@@ -1173,6 +1345,7 @@ def write_report(
     if plan.reference:
         lines += against_reference(plan, pools)
     lines += question_lines(plan, pools)
+    lines += target_lines(plan, pools)
     lines += stability_lines(plan, caches, costs)
     finals = [(r, s, caches[r.name, s].get("final")) for r in plan.runs for s in r.seeds]
     finals = [(r, s, f) for r, s, f in finals if f]
