@@ -661,6 +661,49 @@ def test_report_reads_the_plan_s_targets_as_met_or_not(tmp_path: Path):
             campaign.Plan.load(plan_file)
 
 
+def test_status_says_where_each_run_stands_without_training(tmp_path: Path, capsys):
+    """--status reads the caches and the run folders: the marks evaluated, the checkpoint a resume
+    starts from, the next mark, the steps and one-thread hours to the last mark; it trains
+    nothing and creates no run folder."""
+    plan = report_plan(
+        tmp_path,
+        name="where",
+        task="pusht_keypoints",
+        marks_min=[60, 120],
+        runs=[
+            {"name": "gen", "method": "isd", "seeds": [0, 1], "samplers": ["1"]},
+            {"name": "base", "method": "ddpm", "seeds": [0], "samplers": ["ddim:10"]},
+        ],
+    )
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    root = tmp_path / "runs"
+    # No step costs yet: a minutes plan has no steps to read, and says so.
+    with pytest.raises(SystemExit, match="no step costs for every run"):
+        campaign.main([str(plan_file), "--status", "--root", str(root)])
+    assert not root.exists()
+    # gen: 36 s per step -> marks at 100 and 200 steps; base: 18 s -> 200 and 400.
+    write_json_atomic(tmp_path / "step_costs.json", {"gen": 36.0, "base": 18.0})
+    mark = {"minutes": 1.0, "entries": {"1": seed_entry(0.9, 0.5)}}
+    # gen seed 0: both marks and its last-mark diagnostics; seed 1: the first mark, a checkpoint
+    # at 180; base: nothing evaluated, a checkpoint at 300.
+    write_json_atomic(
+        tmp_path / "cache" / "gen_s0.json",
+        {"marks": {"100": mark, "200": mark}, "final": {"step": 200}},
+    )
+    write_json_atomic(tmp_path / "cache" / "gen_s1.json", {"marks": {"100": mark}})
+    for name, step in (("gen_s1", 180), ("base_s0", 300)):
+        (root / name / "checkpoints").mkdir(parents=True)
+        (root / name / "checkpoints" / "latest").write_text(f"step_{step:07d}\n")
+    campaign.main([str(plan_file), "--status", "--root", str(root)])
+    out = capsys.readouterr().out
+    assert "| gen | 0 | 60, 120 | 200 | done | 0 | 0.0 |" in out
+    assert "| gen | 1 | 60 | 180 | 200 | 20 | 0.2 |" in out  # 20 x 36 s
+    assert "| base | 0 | - | 300 | 200 | 100 | 0.5 |" in out  # resumes past its first mark's step
+    assert "0.7 one-thread hours of training left in all" in out
+    assert sorted(p.name for p in root.iterdir()) == ["base_s0", "gen_s1"]
+
+
 def test_plan_fields_change_on_the_command_line_and_steps_fit_a_time(tmp_path: Path):
     """--set FIELD=VALUE / runs.RUN.FIELD=VALUE / FIELD+=[...] change a plan as it is read (a
     mistyped field or run is refused by name); --fit-seconds places one mark at the steps that

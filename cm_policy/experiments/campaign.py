@@ -47,6 +47,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1416,6 +1417,55 @@ def write_report(
     return path
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of a run folder's latest checkpoint (where a resume starts), 0 when none."""
+    latest = run_dir / "checkpoints" / "latest"
+    match = re.fullmatch(r"step_(\d+)", latest.read_text().strip()) if latest.exists() else None
+    return int(match[1]) if match else 0
+
+
+def status_lines(plan: Plan, costs: dict[str, float], root: Path) -> list[str]:
+    """Where each (run, seed) of the plan stands, read from the caches and the run folders under
+    ``root`` without training anything: the marks evaluated, the step its latest checkpoint holds,
+    the next mark, and the steps and one-thread hours to the last mark and its diagnostics."""
+    lines = [
+        f"| run | seed | marks evaluated ({plan.unit}) | checkpoint (step) | next mark (step) "
+        "| steps to the last mark | one-thread hours left |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    total = 0.0
+    for r in plan.runs:
+        steps = mark_steps(plan, costs[r.name])
+        for s in r.seeds:
+            cache = read_cache(cache_path(plan, r, s))
+            done = [m for m, st in zip(plan.marks, steps, strict=True) if str(st) in cache["marks"]]
+            trained = max(
+                [checkpoint_step(root / f"{r.name}_s{s}")]
+                + [st for st in steps if str(st) in cache["marks"]]
+            )
+            upcoming = [st for st in steps if str(st) not in cache["marks"]]
+            if not pending(plan, r, s, costs):
+                upcoming_cell = "done"
+            elif upcoming:
+                upcoming_cell = str(upcoming[0])
+            else:
+                upcoming_cell = "last-mark diagnostics"
+            left = max(0, steps[-1] - trained)
+            hours = left * costs[r.name] / 3600 if r.name in costs else None
+            total += hours or 0.0
+            lines.append(
+                f"| {r.name} | {s} | {', '.join(f'{m:g}' for m in done) or '-'} | {trained} | "
+                f"{upcoming_cell} | {left} | {'-' if hours is None else f'{hours:.1f}'} |"
+            )
+    lines += [
+        "",
+        f"{total:.1f} one-thread hours of training left in all (at the plan's step costs"
+        + ("" if set(costs) >= {r.name for r in plan.runs} else "; runs without one: '-'")
+        + f"; evaluations come on top), under run folders in {root}.",
+    ]
+    return lines
+
+
 def argument_parser() -> argparse.ArgumentParser:
     """The options of ``cm-policy campaign``."""
     parser = argparse.ArgumentParser(
@@ -1462,6 +1512,12 @@ def argument_parser() -> argparse.ArgumentParser:
         "session, e.g. on a GPU)",
     )
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="where each (run, seed) stands (marks evaluated, checkpoint, steps and one-thread "
+        "hours to the last mark) from the caches and the run folders under --root; trains nothing",
+    )
     parser.add_argument(
         "--costs-only",
         action="store_true",
@@ -1517,6 +1573,16 @@ def main(argv: list[str] | None = None) -> None:
         plan.dataset = str(Path(args.dataset).resolve())
     setup = Setup(args.jobs, args.threads, args.device, args.n_envs)
     root = (args.root or Path("runs") / plan.name).resolve()
+    if args.status:
+        costs_file = plan.results / "step_costs.json"
+        known = json.loads(costs_file.read_text()) if costs_file.exists() else {}
+        if {r.name for r in every_run} - set(known) and plan.unit == "min":
+            raise SystemExit(
+                f"--status: {costs_file} has no step costs for every run yet, so the marks have no "
+                "steps; the campaign (or --costs-only) measures them"
+            )
+        print("\n".join(status_lines(plan, known, root)))
+        return
     root.mkdir(parents=True, exist_ok=True)
     fit_note = []
     if args.fit_seconds:
